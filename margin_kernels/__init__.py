@@ -1,0 +1,47 @@
+"""margin_kernels: fused margin-based softmax losses (L-Softmax, SphereFace, CosFace, ArcFace,
+combined margins, SO-/W-/LM-/EM-Softmax) that never materialise the B x C logits on GPU and fall
+back to a pure-torch reference elsewhere. Importing never fails for lack of a GPU, Triton or the
+compiled extension; see ``margin_kernels.ops`` for what each backend needs."""
+
+from . import distributed, nn, ops, reference
+from .functional import (
+    arcface_loss,
+    combined_margin_loss,
+    cosface_loss,
+    em_softmax_loss,
+    hsic,
+    lm_softmax_loss,
+    lsoftmax_loss,
+    margin_cross_entropy,
+    sample_margin_regularization,
+    so_softmax_loss,
+    sphereface_loss,
+    w_softmax_loss,
+    zero_centroid_regularization,
+)
+from .ops import available_backends
+from .spec import MarginSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MarginSpec",
+    "arcface_loss",
+    "available_backends",
+    "combined_margin_loss",
+    "cosface_loss",
+    "distributed",
+    "em_softmax_loss",
+    "hsic",
+    "lm_softmax_loss",
+    "lsoftmax_loss",
+    "margin_cross_entropy",
+    "nn",
+    "ops",
+    "reference",
+    "sample_margin_regularization",
+    "so_softmax_loss",
+    "sphereface_loss",
+    "w_softmax_loss",
+    "zero_centroid_regularization",
+]

@@ -1,0 +1,1 @@
+"""Class-parallel margin loss on torch.distributed (see the distributed issue)."""

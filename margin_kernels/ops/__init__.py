@@ -1,0 +1,64 @@
+"""Backend selection. One module per backend in this package; each exposes
+
+* ``unavailable_reason(device: torch.device, spec: MarginSpec) -> str | None`` — why it cannot
+  run for this device and spec (None when it can), naming the fix; and
+* ``lse_parts(x, weight, target, spec, class_ids=None, deterministic=False)`` — the contract of
+  :func:`margin_kernels.reference.lse_parts`, differentiable w.r.t. ``x`` and ``weight``.
+
+Backends are imported lazily so that ``import margin_kernels`` never fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from ..spec import MarginSpec
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+# Module paths of the compiled backends, in the order "auto" tries them on a CUDA device.
+_COMPILED = {"triton": "margin_kernels.ops.triton", "cuda": "margin_kernels.ops.cuda"}
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(_COMPILED[name]), None
+    except ImportError as exc:  # a backend module that cannot import is simply unavailable
+        return None, f"the {name} backend could not be imported ({exc})"
+
+
+def _reason(name: str, device: torch.device, spec: MarginSpec) -> str | None:
+    module, reason = _load(name)
+    return reason if module is None else module.unavailable_reason(device, spec)
+
+
+def available_backends(device: torch.device | str, spec: MarginSpec) -> list[str]:
+    """Names of the backends that can run ``spec`` on ``device`` ("torch" always can)."""
+    device = torch.device(device)
+    return [n for n in _COMPILED if _reason(n, device, spec) is None] + ["torch"]
+
+
+def resolve(backend: str, device: torch.device, spec: MarginSpec) -> tuple[str, Callable]:
+    """``(name, lse_parts)`` of the backend to run. "auto" never raises: on a CUDA device it
+    takes the first compiled backend that can run (triton, then cuda), else the reference. A
+    named compiled backend that cannot run raises ``RuntimeError`` saying what is missing."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        from .. import reference
+
+        return "torch", reference.lse_parts
+    candidates = list(_COMPILED) if backend == "auto" else [backend]
+    for name in candidates:
+        reason = _reason(name, device, spec)
+        if reason is None:
+            return name, _load(name)[0].lse_parts
+        if backend != "auto":
+            raise RuntimeError(f"backend={name!r} cannot run here: {reason}")
+    from .. import reference
+
+    return "torch", reference.lse_parts
