@@ -1,0 +1,394 @@
+"""Loss modules: each owns its class weight (C, D) and, for L-Softmax/SphereFace, the lambda
+annealing schedule; the math lives in :mod:`margin_kernels.functional`.
+
+``forward(embeddings (B, D), labels (B,) int64) -> loss``. ``scores(embeddings)`` gives the
+(B, C) prediction scores (cosine, or raw logits for the raw-weight kinds) for evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .spec import MarginSpec
+
+__all__ = [
+    "LambdaSchedule",
+    "LSoftmaxLoss",
+    "SphereFaceLoss",
+    "CosFaceLoss",
+    "ArcFaceLoss",
+    "CombinedMarginLoss",
+    "SOSoftmaxLoss",
+    "WSoftmaxLoss",
+    "LMSoftmaxLoss",
+    "EMSoftmaxLoss",
+]
+
+
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """lambda(iter) = max(lambda_min, base * (1 + gamma * iter) ** (-power)), the psi blending
+    schedule of the L-Softmax and SphereFace training recipes."""
+
+    base: float = 1000.0
+    gamma: float = 0.12
+    power: float = 1.0
+    lambda_min: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.base < 0 or self.gamma < 0 or self.power < 0 or self.lambda_min < 0:
+            raise ValueError(f"LambdaSchedule fields must be >= 0, got {self}")
+
+    def __call__(self, iteration: int) -> float:
+        return max(self.lambda_min, self.base * (1 + self.gamma * iteration) ** (-self.power))
+
+    @classmethod
+    def sphereface(cls) -> LambdaSchedule:
+        """SphereFace's official Caffe recipe: base 1000, gamma 0.12, power 1, min 5."""
+        return cls(1000.0, 0.12, 1.0, 5.0)
+
+    @classmethod
+    def lsoftmax_mnist(cls) -> LambdaSchedule:
+        """L-Softmax's MNIST recipe: base 1000, gamma 2.5e-5, power 35, min 0."""
+        return cls(1000.0, 2.5e-5, 35.0, 0.0)
+
+
+class _MarginLoss(nn.Module):
+    """Weight (C, D), common options and forward; subclasses only describe their margin."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or num_classes <= 0:
+            raise ValueError(
+                f"in_features and num_classes must be > 0, got {in_features}, {num_classes}"
+            )
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.weight = nn.Parameter(
+            torch.empty(num_classes, in_features, device=device, dtype=dtype)
+        )
+        self.reset_parameters()
+        self.margin()  # validate the hyper-parameters now, not at the first forward
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's initialisation: rows of comparable norm, no class favoured.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def margin(self) -> MarginSpec:
+        """The MarginSpec of the current step."""
+        raise NotImplementedError
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """embeddings: (B, D) float; labels: (B,) int64 -> loss (scalar, or (B,) for 'none')."""
+        return F.margin_cross_entropy(
+            embeddings,
+            self.weight,
+            labels,
+            self.margin(),
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, C) prediction scores: cosine for normalised-weight kinds, raw logits otherwise;
+        ``scores(x).argmax(1)`` is the predicted class."""
+        w = self.weight.to(embeddings.dtype)
+        if self.margin().normalizes_weight:
+            return nn.functional.normalize(embeddings, dim=1) @ nn.functional.normalize(w, dim=1).T
+        return embeddings @ w.T
+
+    def extra_repr(self) -> str:
+        spec = self.margin()
+        hyper = ", ".join(f"{k}={v}" for k, v in self._hyper().items())
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, {hyper}, "
+            f"kind={spec.kind}, reduction={self.reduction!r}, backend={self.backend!r}"
+        )
+
+    def _hyper(self) -> dict:
+        return {}
+
+
+class _PsiLoss(_MarginLoss):
+    """L-Softmax / SphereFace: integer margin m and a lambda that is fixed or annealed. The
+    iteration counter is saved in the state_dict (extra state), so a checkpoint resumes the
+    schedule where it stopped."""
+
+    _kind = ""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        m: int = 4,
+        lam: float = 0.0,
+        schedule: LambdaSchedule | None = None,
+        **common,
+    ) -> None:
+        self.m = m
+        self.lam = lam
+        self.schedule = schedule
+        # A host-side int (no device sync to read it), saved in the state_dict as extra state.
+        self.iteration = 0
+        super().__init__(in_features, num_classes, **common)
+
+    @property
+    def current_lambda(self) -> float:
+        return self.lam if self.schedule is None else self.schedule(self.iteration)
+
+    def get_extra_state(self) -> dict:
+        return {"iteration": self.iteration}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec(self._kind, m=self.m, lam=self.current_lambda)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = super().forward(embeddings, labels)
+        if self.training and self.schedule is not None:
+            self.iteration += 1
+        return loss
+
+    def _hyper(self) -> dict:
+        out = {"m": self.m, "lam": self.current_lambda}
+        if self.schedule is not None:
+            out["schedule"] = self.schedule
+        return out
+
+
+class LSoftmaxLoss(_PsiLoss):
+    """L-Softmax (raw logits, psi_m target). ``schedule=LambdaSchedule.lsoftmax_mnist()``
+    anneals lambda as the paper's recipe; otherwise ``lam`` is fixed."""
+
+    _kind = "lsoftmax"
+
+
+class SphereFaceLoss(_PsiLoss):
+    """A-Softmax / SphereFace (normalised weights, psi_m target scaled by ||x||).
+    ``schedule=LambdaSchedule.sphereface()`` anneals lambda as the official recipe."""
+
+    _kind = "sphereface"
+
+
+class CosFaceLoss(_MarginLoss):
+    """CosFace / AM-Softmax: s (c - m)."""
+
+    def __init__(
+        self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.35, **common
+    ) -> None:
+        self.s, self.m = s, m
+        super().__init__(in_features, num_classes, **common)
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec.cosface(self.s, self.m)
+
+    def _hyper(self) -> dict:
+        return {"s": self.s, "m": self.m}
+
+
+class ArcFaceLoss(_MarginLoss):
+    """ArcFace: s cos(theta + m) with ``grad_mode`` and ``overflow`` as in
+    :func:`margin_kernels.arcface_loss`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        grad_mode: str = "exact",
+        overflow: str = "fallback",
+        **common,
+    ) -> None:
+        self.s, self.m, self.grad_mode, self.overflow = s, m, grad_mode, overflow
+        super().__init__(in_features, num_classes, **common)
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec.arcface(self.s, self.m, self.grad_mode, self.overflow)
+
+    def _hyper(self) -> dict:
+        return {"s": self.s, "m": self.m, "grad_mode": self.grad_mode, "overflow": self.overflow}
+
+
+class CombinedMarginLoss(_MarginLoss):
+    """Combined margin: s (cos(m1 theta + m2) - m3)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.3,
+        m3: float = 0.2,
+        grad_mode: str = "exact",
+        **common,
+    ) -> None:
+        self.s, self.m1, self.m2, self.m3, self.grad_mode = s, m1, m2, m3, grad_mode
+        super().__init__(in_features, num_classes, **common)
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec.combined(self.s, self.m1, self.m2, self.m3, self.grad_mode)
+
+    def _hyper(self) -> dict:
+        return {"s": self.s, "m1": self.m1, "m2": self.m2, "m3": self.m3}
+
+
+class SOSoftmaxLoss(_MarginLoss):
+    """SO-Softmax (third-party form): lambda_p (m^2 - (c - 1)^2) vs lambda_n (c^2 - m^2)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        lambda_p: float = 2.0,
+        lambda_n: float = 2.0,
+        m: float = 0.3,
+        **common,
+    ) -> None:
+        self.lambda_p, self.lambda_n, self.m = lambda_p, lambda_n, m
+        super().__init__(in_features, num_classes, **common)
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec.so_softmax(self.lambda_p, self.lambda_n, self.m)
+
+    def _hyper(self) -> dict:
+        return {"lambda_p": self.lambda_p, "lambda_n": self.lambda_n, "m": self.m}
+
+
+class WSoftmaxLoss(_MarginLoss):
+    """W-Softmax (third-party form) with target-direction weight ``alpha``."""
+
+    def __init__(self, in_features: int, num_classes: int, alpha: float = 1.5, **common) -> None:
+        self.alpha = alpha
+        super().__init__(in_features, num_classes, **common)
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec.w_softmax(self.alpha)
+
+    def _hyper(self) -> dict:
+        return {"alpha": self.alpha}
+
+
+class LMSoftmaxLoss(_MarginLoss):
+    """LM-Softmax (target left out of the denominator) plus its optional regularisers:
+    ``sample_margin_weight * R_sm + zero_centroid_weight * R_w``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        s: float = 5.0,
+        sample_margin_weight: float = 0.0,
+        zero_centroid_weight: float = 0.0,
+        **common,
+    ) -> None:
+        if sample_margin_weight < 0 or zero_centroid_weight < 0:
+            raise ValueError(
+                "sample_margin_weight and zero_centroid_weight must be >= 0, got "
+                f"{sample_margin_weight}, {zero_centroid_weight}"
+            )
+        self.s = s
+        self.sample_margin_weight = sample_margin_weight
+        self.zero_centroid_weight = zero_centroid_weight
+        super().__init__(in_features, num_classes, **common)
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec.lm_softmax(self.s)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = super().forward(embeddings, labels)
+        if self.sample_margin_weight:
+            loss = loss + self.sample_margin_weight * F.sample_margin_regularization(
+                embeddings, self.weight, labels, self.ignore_index
+            )
+        if self.zero_centroid_weight:
+            loss = loss + self.zero_centroid_weight * F.zero_centroid_regularization(self.weight)
+        return loss
+
+    def _hyper(self) -> dict:
+        return {
+            "s": self.s,
+            "sample_margin_weight": self.sample_margin_weight,
+            "zero_centroid_weight": self.zero_centroid_weight,
+        }
+
+
+class EMSoftmaxLoss(_MarginLoss):
+    """EM-Softmax: ``num_heads`` soft-margin classifiers on one shared feature, weight
+    (K, C, D), with the HSIC diversity term. ``scores`` averages the heads' raw logits."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        num_heads: int = 2,
+        m: float = 0.1,
+        hsic_weight: float = 0.1,
+        **common,
+    ) -> None:
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        self.num_heads, self.m, self.hsic_weight = num_heads, m, hsic_weight
+        super().__init__(in_features, num_classes, **common)
+        self.weight = nn.Parameter(
+            torch.empty(
+                num_heads,
+                num_classes,
+                in_features,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.dim() == 3:
+            for head in self.weight:
+                nn.init.kaiming_uniform_(head, a=math.sqrt(5))
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec.soft_margin(self.m)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.em_softmax_loss(
+            embeddings,
+            self.weight,
+            labels,
+            m=self.m,
+            hsic_weight=self.hsic_weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bd,kcd->bc", embeddings, self.weight.to(embeddings.dtype)) / (
+            self.num_heads
+        )
+
+    def _hyper(self) -> dict:
+        return {"num_heads": self.num_heads, "m": self.m, "hsic_weight": self.hsic_weight}
