@@ -27,7 +27,11 @@ def _extension():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
-        return [], {}, "torch is not installed (install torch first, then build with --no-build-isolation)"
+        return (
+            [],
+            {},
+            "torch is not installed (install torch first, then build with --no-build-isolation)",
+        )
     if torch.version.cuda is None:
         return [], {}, f"torch {torch.__version__} is a CPU-only build"
     if CUDA_HOME is None:

@@ -22,19 +22,19 @@ from .ops import BACKENDS, resolve
 from .spec import MarginSpec
 
 __all__ = [
-    "margin_cross_entropy",
-    "lsoftmax_loss",
-    "sphereface_loss",
-    "cosface_loss",
     "arcface_loss",
     "combined_margin_loss",
-    "so_softmax_loss",
-    "w_softmax_loss",
-    "lm_softmax_loss",
+    "cosface_loss",
     "em_softmax_loss",
-    "sample_margin_regularization",
-    "zero_centroid_regularization",
     "hsic",
+    "lm_softmax_loss",
+    "lsoftmax_loss",
+    "margin_cross_entropy",
+    "sample_margin_regularization",
+    "so_softmax_loss",
+    "sphereface_loss",
+    "w_softmax_loss",
+    "zero_centroid_regularization",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,9 +47,7 @@ def _check_float_matrix(name: str, t: object, layout: str) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D {layout}, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-        )
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
 def _check_labels(
@@ -64,9 +62,7 @@ def _check_labels(
     if labels.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
     if length is not None and labels.shape[0] != length:
-        raise ValueError(
-            f"{name} has {labels.shape[0]} entries but x has {length} rows"
-        )
+        raise ValueError(f"{name} has {labels.shape[0]} entries but x has {length} rows")
     labels = labels.long()
     in_range = (labels >= 0) & (labels < num_classes)
     if ignore_index is not None:
@@ -316,7 +312,7 @@ def em_softmax_loss(
     if common.get("reduction", "mean") == "none" or num_heads == 1 or hsic_weight == 0:
         return ce
     pairs = list(itertools.combinations(range(num_heads), 2))
-    diversity = sum(reference.hsic(weights[k], weights[l]) for k, l in pairs) / len(pairs)
+    diversity = sum(reference.hsic(weights[a], weights[b]) for a, b in pairs) / len(pairs)
     return ce + hsic_weight * diversity
 
 

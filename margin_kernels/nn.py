@@ -17,16 +17,16 @@ from . import functional as F
 from .spec import MarginSpec
 
 __all__ = [
-    "LambdaSchedule",
-    "LSoftmaxLoss",
-    "SphereFaceLoss",
-    "CosFaceLoss",
     "ArcFaceLoss",
     "CombinedMarginLoss",
-    "SOSoftmaxLoss",
-    "WSoftmaxLoss",
-    "LMSoftmaxLoss",
+    "CosFaceLoss",
     "EMSoftmaxLoss",
+    "LMSoftmaxLoss",
+    "LSoftmaxLoss",
+    "LambdaSchedule",
+    "SOSoftmaxLoss",
+    "SphereFaceLoss",
+    "WSoftmaxLoss",
 ]
 
 

@@ -10,6 +10,7 @@ Computation runs in float32 (float64 when an input is float64), whatever the inp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,16 +20,28 @@ from .spec import NORM_EPS, SIN2_EPS, MarginSpec
 
 __all__ = [
     "chebyshev",
-    "psi",
-    "target_transform",
-    "nontarget_transform",
-    "lse_parts",
-    "loss_from_parts",
-    "margin_cross_entropy",
-    "sample_margin_regularization",
-    "zero_centroid_regularization",
     "hsic",
+    "loss_from_parts",
+    "lse_parts",
+    "margin_cross_entropy",
+    "nontarget_transform",
+    "psi",
+    "sample_margin_regularization",
+    "target_transform",
+    "zero_centroid_regularization",
 ]
+
+
+def _no_autocast(fn):
+    """Run ``fn`` with autocast off on its first tensor's device: the reference computes in
+    float32/float64 even inside an autocast region (the inputs were cast by the caller)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -162,6 +175,7 @@ def nontarget_transform(
     return spec.s * c
 
 
+@_no_autocast
 def lse_parts(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -196,9 +210,7 @@ def lse_parts(
     safe_target = torch.where(has_target, target, torch.zeros_like(target))
 
     cols = wf if class_ids is None else wf[class_ids]
-    col_ids = (
-        torch.arange(num_classes, device=wf.device) if class_ids is None else class_ids
-    )
+    col_ids = torch.arange(num_classes, device=wf.device) if class_ids is None else class_ids
     x_norm = row_norm(xf)
     col_norm = row_norm(cols)
     cos = (xf @ cols.T) / (x_norm[:, None] * col_norm[None, :])
@@ -259,6 +271,7 @@ def margin_cross_entropy(
     return loss_from_parts(neg_lse, t, valid, margin, reduction)
 
 
+@_no_autocast
 def cosine_matrix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(B, C) cosines between rows of x and rows of weight, in the compute dtype."""
     cd = compute_dtype(x, weight)
@@ -266,6 +279,7 @@ def cosine_matrix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (xf / row_norm(xf)[:, None]) @ (wf / row_norm(wf)[:, None]).T
 
 
+@_no_autocast
 def sample_margin_regularization(
     x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
@@ -279,12 +293,14 @@ def sample_margin_regularization(
     return margins.sum() / valid.sum().clamp_min(1).to(margins.dtype)
 
 
+@_no_autocast
 def zero_centroid_regularization(weight: torch.Tensor) -> torch.Tensor:
     """R_w = || sum_j W_j / ||W_j|| ||^2 for weight (C, D)."""
     wf = weight.to(compute_dtype(weight))
     return (wf / row_norm(wf)[:, None]).sum(0).pow(2).sum()
 
 
+@_no_autocast
 def hsic(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Linear-kernel HSIC over classes: ||(H u)^T (H v)||_F^2 / (C - 1)^2.
 

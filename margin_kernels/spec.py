@@ -121,9 +121,8 @@ class MarginSpec:
         elif kind == "combined":
             if self.m1 <= 0:
                 raise ValueError(f"m1 must be > 0, got {self.m1}")
-        elif kind == "w_softmax":
-            if self.alpha < 0:
-                raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        elif kind == "w_softmax" and self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
         if kind == "so_softmax" and (self.lambda_p <= 0 or self.lambda_n <= 0):
             raise ValueError(
                 f"lambda_p and lambda_n must be > 0, got {self.lambda_p}, {self.lambda_n}"
@@ -164,9 +163,7 @@ class MarginSpec:
         return cls("combined", s=s, m1=m1, m2=m2, m3=m3, grad_mode=grad_mode)
 
     @classmethod
-    def so_softmax(
-        cls, lambda_p: float = 2.0, lambda_n: float = 2.0, m: float = 0.3
-    ) -> MarginSpec:
+    def so_softmax(cls, lambda_p: float = 2.0, lambda_n: float = 2.0, m: float = 0.3) -> MarginSpec:
         return cls("so_softmax", lambda_p=lambda_p, lambda_n=lambda_n, m=m)
 
     @classmethod

@@ -1,0 +1,40 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv, install what they
+# need (torch 2.14.1, test and demo dependencies), build the package with its extension, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+# Build for Hopper when no GPU is visible (torch's arch detection needs one otherwise).
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+
+.PHONY: test demo lint format install clean
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" ninja pytest ruff numpy tqdm matplotlib scikit-learn
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*) $(wildcard margin_kernels/*.py)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
+
+lint: $(VENV)/.deps
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.deps
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: install lint
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra --durations=15
+
+demo: install
+	$(PY) -m margin_kernels.demo
+
+clean:
+	rm -rf build dist *.egg-info margin_kernels/*.so $(VENV)
