@@ -67,7 +67,8 @@ def _check_labels(
     in_range = (labels >= 0) & (labels < num_classes)
     if ignore_index is not None:
         in_range |= labels == ignore_index
-    if labels.device.type == "cuda":
+    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+        # no host sync on accelerators, and no graph break under torch.compile
         torch._assert_async(in_range.all(), f"{name} out of range [0, {num_classes})")
     elif labels.numel() and not bool(in_range.all()):
         bad = labels[~in_range][0].item()

@@ -214,3 +214,15 @@ def test_state_dict_round_trip_resumes_lambda_schedule():
     module.eval()
     module(x, y)
     assert module.iteration == 7, "evaluation does not advance the schedule"
+
+
+def test_reference_path_compiles_fullgraph_with_backward():
+    x, w, y = _inputs(b=6, c=11, d=8)
+    x.requires_grad_()
+    fn = torch.compile(lambda a, b, t: mk.arcface_loss(a, b, t, backend="torch"), fullgraph=True)
+    loss = fn(x, w, y)
+    loss.backward()
+    assert torch.allclose(loss, mk.arcface_loss(x, w, y))
+    eager_x = x.detach().clone().requires_grad_()
+    mk.arcface_loss(eager_x, w, y).backward()
+    assert torch.allclose(x.grad, eager_x.grad, atol=1e-6)
