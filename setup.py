@@ -7,16 +7,42 @@ Environment knobs (all optional):
     MARGIN_KERNELS_CUDA_ARCHS="9.0"    compute capabilities to build for (default: the visible
                                        GPU's, or 9.0 when no GPU is visible).
     MAX_JOBS=N                         parallel compile jobs (read by torch's ninja build).
+
+The .cpp sources (op schemas, the CPU twin of the epilogues, Meta kernels) go through the host
+compiler and the .cu source (the CUDA epilogues) through nvcc; ptxas prints registers and spills
+per kernel (-Xptxas=-v; csrc/PTXAS.md records them).
 """
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_toolkit_dirs(cuda_home: str) -> tuple[list[str], list[str]]:
+    """(include dirs, library dirs) that hold cuda_runtime.h and libcudart. torch infers
+    CUDA_HOME from the nvcc on PATH, which can be /usr/local when nvcc sits in /usr/local/bin
+    while the headers live in /usr/local/cuda or in the nvidia-cuda-runtime wheel."""
+    roots = [cuda_home, os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
+    roots += glob.glob(
+        os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "cu*")
+    )
+    includes, libs = [], []
+    for root in filter(None, roots):
+        if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            includes.append(os.path.join(root, "include"))
+            libs += [
+                d
+                for d in (os.path.join(root, "lib64"), os.path.join(root, "lib"))
+                if os.path.isdir(d)
+            ]
+            break
+    return includes, libs
 
 
 def _extension():
@@ -46,13 +72,15 @@ def _extension():
         # torch's arch detection indexes the visible GPUs and crashes when there are none.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     here = os.path.dirname(os.path.abspath(__file__))
+    cuda_includes, cuda_libs = _cuda_toolkit_dirs(CUDA_HOME)
     ext = CUDAExtension(
         name="margin_kernels._C",
         sources=sources,
-        include_dirs=[os.path.join(here, "csrc")],
+        include_dirs=[os.path.join(here, "csrc"), *cuda_includes],
+        library_dirs=cuda_libs,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v"],
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "-Xptxas=-v"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, None

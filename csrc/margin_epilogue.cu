@@ -1,0 +1,406 @@
+// CUDA epilogues of the chunked margin softmax: one block per row of a (R, S) logits chunk that
+// cuBLAS produced, vectorised 16-byte loads, float math (double for double storage).
+//
+// Forward: N or T per element, target column masked, online log-sum-exp -> neg_lse, target logit.
+// Backward: overwrites the logits with dL/dz (and the W-Softmax gram with dL/dh) in place and
+// reduces the per-row terms that the host-side GEMMs and O(B D) chain rule need.
+//
+// Only c10/cuda headers: ATen is kept out so that this file compiles in seconds.
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "epilogue.h"
+#include "margin_math.h"
+
+namespace margin_kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename S>
+struct MathType {
+  using type = float;
+};
+template <>
+struct MathType<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_math(float v) { return v; }
+__device__ __forceinline__ double to_math(double v) { return v; }
+__device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename S>
+__device__ __forceinline__ S from_math(float v);
+template <>
+__device__ __forceinline__ float from_math<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_math<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <typename S>
+__device__ __forceinline__ S from_math(double v) {
+  return v;
+}
+
+template <typename S>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(S);
+  S v[kSize];
+};
+
+// Calls fn(col, z, h) for every column of one row, threads of the block strided over 16-byte
+// packs; a scalar head and tail cover the columns outside the aligned middle. h is the gram
+// element (W-Softmax) or 0. When fn writes (kWrite), it sets z (and h) in place and the new
+// values are stored back with the same vector width.
+template <bool kWrite, bool kGram, typename S, typename Fn>
+__device__ __forceinline__ void visit_row(S* z_row, S* h_row, int64_t n, Fn fn) {
+  using M = typename MathType<S>::type;
+  constexpr int kVec = Pack<S>::kSize;
+  const uintptr_t z_addr = reinterpret_cast<uintptr_t>(z_row);
+  const bool same_phase = !kGram || ((reinterpret_cast<uintptr_t>(h_row) ^ z_addr) & 15) == 0;
+  int64_t head = same_phase ? static_cast<int64_t>(((16 - (z_addr & 15)) & 15) / sizeof(S)) : n;
+  if (head > n) head = n;
+  auto scalar = [&](int64_t j) {
+    M z = to_math(z_row[j]);
+    M h = kGram ? to_math(h_row[j]) : M(0);
+    fn(j, z, h);
+    if (kWrite) {
+      z_row[j] = from_math<S>(z);
+      if (kGram) h_row[j] = from_math<S>(h);
+    }
+  };
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) scalar(j);
+  const int64_t num_packs = (n - head) / kVec;
+  Pack<S>* z_packs = reinterpret_cast<Pack<S>*>(z_row + head);
+  Pack<S>* h_packs = kGram ? reinterpret_cast<Pack<S>*>(h_row + head) : nullptr;
+  for (int64_t v = threadIdx.x; v < num_packs; v += blockDim.x) {
+    Pack<S> zp = z_packs[v];
+    Pack<S> hp;
+    if (kGram) hp = h_packs[v];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      M z = to_math(zp.v[k]);
+      M h = kGram ? to_math(hp.v[k]) : M(0);
+      fn(head + v * kVec + k, z, h);
+      if (kWrite) {
+        zp.v[k] = from_math<S>(z);
+        if (kGram) hp.v[k] = from_math<S>(h);
+      }
+    }
+    if (kWrite) {
+      z_packs[v] = zp;
+      if (kGram) h_packs[v] = hp;
+    }
+  }
+  for (int64_t j = head + num_packs * kVec + threadIdx.x; j < n; j += blockDim.x) scalar(j);
+}
+
+template <typename M>
+__device__ __forceinline__ M warp_sum(M v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Sum over the block; every thread gets the total. scratch: kWarps elements of shared memory.
+template <typename M>
+__device__ __forceinline__ M block_sum(M v, M* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  M total = lane < kWarps ? scratch[lane] : M(0);
+  return warp_sum(total);
+}
+
+template <typename M>
+__device__ __forceinline__ LseState<M> block_lse(LseState<M> st, M* max_scratch, M* sum_scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    LseState<M> other{__shfl_xor_sync(0xffffffffu, st.max, off),
+                      __shfl_xor_sync(0xffffffffu, st.sum, off)};
+    st = lse_merge(st, other);
+  }
+  __syncthreads();
+  if (lane == 0) {
+    max_scratch[warp] = st.max;
+    sum_scratch[warp] = st.sum;
+  }
+  __syncthreads();
+  LseState<M> total{M(-INFINITY), M(0)};
+  if (lane < kWarps) total = LseState<M>{max_scratch[lane], sum_scratch[lane]};
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    LseState<M> other{__shfl_xor_sync(0xffffffffu, total.max, off),
+                      __shfl_xor_sync(0xffffffffu, total.sum, off)};
+    total = lse_merge(total, other);
+  }
+  return total;
+}
+
+template <typename M>
+struct RowInputs {
+  int64_t target;
+  bool has_target;
+  M x_norm, inv_x_norm, c_y, inv_wy_norm;
+};
+
+template <typename M>
+__device__ __forceinline__ RowInputs<M> load_row(const EpilogueArgs& a, int64_t row) {
+  RowInputs<M> r;
+  r.target = a.target[row];
+  r.has_target = r.target >= 0 && r.target < a.num_classes;
+  r.x_norm = static_cast<const M*>(a.x_norm)[row];
+  r.inv_x_norm = M(1) / r.x_norm;
+  r.c_y = static_cast<const M*>(a.c_target)[row];
+  r.inv_wy_norm = M(1) / static_cast<const M*>(a.target_norm)[row];
+  return r;
+}
+
+// The column is the row's target (masked out of the negatives' LSE).
+__device__ __forceinline__ bool is_target_col(const int64_t* col_ids, int64_t col, int64_t target) {
+  return (col_ids ? col_ids[col] : col) == target;
+}
+
+template <typename S, int F>
+__global__ void __launch_bounds__(kThreads)
+    lse_forward_kernel(EpilogueArgs a, MarginParams<typename MathType<S>::type> p) {
+  using M = typename MathType<S>::type;
+  __shared__ M max_scratch[kWarps];
+  __shared__ M sum_scratch[kWarps];
+  const int64_t row = blockIdx.x;
+  const RowInputs<M> r = load_row<M>(a, row);
+  const M* col_norm = static_cast<const M*>(a.col_norm);
+  S* z_row = static_cast<S*>(a.logits) + row * a.num_cols;
+  S* h_row = F == kWeighted ? static_cast<S*>(a.gram) + row * a.num_cols : nullptr;
+  LseState<M> st{M(-INFINITY), M(0)};
+  visit_row<false, F == kWeighted>(z_row, h_row, a.num_cols, [&](int64_t j, M& z, M& h) {
+    if (is_target_col(a.col_ids, j, r.target)) return;
+    const M w_norm = col_norm[j];
+    const M inv_w_norm = M(1) / w_norm;
+    // c_ij = z_ij / (||x_i|| ||W_j||); W-Softmax: g_ij = h_ij / (||W_y|| ||W_j||)
+    const M c = z * r.inv_x_norm * inv_w_norm;
+    const M gram = h * r.inv_wy_norm * inv_w_norm;
+    M d_c;
+    lse_push(&st, nontarget_logit<F>(p, c, r.x_norm, w_norm, r.c_y, gram, &d_c));
+  });
+  st = block_lse(st, max_scratch, sum_scratch);
+  if (threadIdx.x == 0) {
+    static_cast<M*>(a.neg_lse)[row] = lse_value(st);
+    M d_c, d_xn, d_wn;
+    const M wy_norm = static_cast<const M*>(a.target_norm)[row];
+    const M t = target_logit(p, r.c_y, r.x_norm, wy_norm, &d_c, &d_xn, &d_wn);
+    static_cast<M*>(a.target_logit)[row] = r.has_target ? t : M(0);
+  }
+}
+
+template <typename S, int F>
+__global__ void __launch_bounds__(kThreads)
+    lse_backward_kernel(EpilogueArgs a, MarginParams<typename MathType<S>::type> p) {
+  using M = typename MathType<S>::type;
+  __shared__ M scratch[kWarps];
+  const int64_t row = blockIdx.x;
+  const RowInputs<M> r = load_row<M>(a, row);
+  const M* col_norm = static_cast<const M*>(a.col_norm);
+  const M neg_lse = static_cast<const M*>(a.saved_neg_lse)[row];
+  // dL/dN_ij = dL/dneg_lse_i * softmax_ij over the unmasked columns; nothing when the row had
+  // no unmasked column (neg_lse = -inf) or no incoming gradient.
+  const M grad_lse = neg_lse == M(-INFINITY) ? M(0) : static_cast<const M*>(a.grad_neg_lse)[row];
+  S* z_row = static_cast<S*>(a.logits) + row * a.num_cols;
+  S* h_row = F == kWeighted ? static_cast<S*>(a.gram) + row * a.num_cols : nullptr;
+  M d_xn = M(0);
+  M d_cy = M(0);
+  visit_row<true, F == kWeighted>(z_row, h_row, a.num_cols, [&](int64_t j, M& z, M& h) {
+    M prob_grad = M(0);
+    const M w_norm = col_norm[j];
+    const M inv_w_norm = M(1) / w_norm;
+    const M c = z * r.inv_x_norm * inv_w_norm;
+    const M gram = h * r.inv_wy_norm * inv_w_norm;
+    if (grad_lse != M(0) && !is_target_col(a.col_ids, j, r.target)) {
+      M d_c;
+      const M logit = nontarget_logit<F>(p, c, r.x_norm, w_norm, r.c_y, gram, &d_c);
+      prob_grad = grad_lse * exp(logit - neg_lse);
+    }
+    const NontargetGrad<M> g = nontarget_backward<F>(p, prob_grad, c, r.x_norm, r.inv_x_norm,
+                                                     inv_w_norm, r.c_y, gram, r.inv_wy_norm);
+    z = g.d_z;
+    h = g.d_h;
+    d_xn += g.d_xn;
+    d_cy += g.d_cy;
+  });
+  d_xn = block_sum(d_xn, scratch);
+  if (F == kWeighted) d_cy = block_sum(d_cy, scratch);
+  if (threadIdx.x == 0) {
+    M t_c, t_xn, t_wn;
+    const M wy_norm = static_cast<const M*>(a.target_norm)[row];
+    target_logit(p, r.c_y, r.x_norm, wy_norm, &t_c, &t_xn, &t_wn);
+    const M grad_t = r.has_target ? static_cast<const M*>(a.grad_target)[row] : M(0);
+    static_cast<M*>(a.row_d_xnorm)[row] = d_xn + grad_t * t_xn;
+    static_cast<M*>(a.row_d_ctarget)[row] = d_cy + grad_t * t_c;
+    static_cast<M*>(a.row_d_tnorm)[row] = grad_t * t_wn;
+  }
+}
+
+template <typename S>
+__global__ void margin_transform_kernel(MarginParams<typename MathType<S>::type> p, bool target,
+                                        int64_t n, const S* cos, const S* x_norm, const S* w_norm,
+                                        const S* c_target, const S* gram, S* value, S* deriv) {
+  using M = typename MathType<S>::type;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const M c = to_math(cos[i]);
+  const M xn = to_math(x_norm[i]);
+  const M wn = to_math(w_norm[i]);
+  M v, d, unused_xn, unused_wn;
+  if (target) {
+    v = target_logit(p, c, xn, wn, &d, &unused_xn, &unused_wn);
+  } else {
+    const M cy = c_target ? to_math(c_target[i]) : M(0);
+    const M g = gram ? to_math(gram[i]) : M(0);
+    switch (family_of(p.kind)) {
+      case kRaw:
+        v = nontarget_logit<kRaw>(p, c, xn, wn, cy, g, &d);
+        break;
+      case kFeatureNorm:
+        v = nontarget_logit<kFeatureNorm>(p, c, xn, wn, cy, g, &d);
+        break;
+      case kSquared:
+        v = nontarget_logit<kSquared>(p, c, xn, wn, cy, g, &d);
+        break;
+      case kWeighted:
+        v = nontarget_logit<kWeighted>(p, c, xn, wn, cy, g, &d);
+        break;
+      default:
+        v = nontarget_logit<kScaled>(p, c, xn, wn, cy, g, &d);
+    }
+  }
+  value[i] = from_math<S>(v);
+  deriv[i] = from_math<S>(d);
+}
+
+template <typename S, template <typename, int> class Launch>
+void dispatch_family(const EpilogueArgs& a, cudaStream_t stream) {
+  switch (family_of(a.kind)) {
+    case kRaw:
+      Launch<S, kRaw>::run(a, stream);
+      break;
+    case kFeatureNorm:
+      Launch<S, kFeatureNorm>::run(a, stream);
+      break;
+    case kSquared:
+      Launch<S, kSquared>::run(a, stream);
+      break;
+    case kWeighted:
+      Launch<S, kWeighted>::run(a, stream);
+      break;
+    default:
+      Launch<S, kScaled>::run(a, stream);
+  }
+}
+
+template <template <typename, int> class Launch>
+void dispatch_storage(const EpilogueArgs& a, cudaStream_t stream) {
+  switch (a.storage) {
+    case Storage::kFloat16:
+      dispatch_family<__half, Launch>(a, stream);
+      break;
+    case Storage::kBFloat16:
+      dispatch_family<__nv_bfloat16, Launch>(a, stream);
+      break;
+    case Storage::kFloat64:
+      dispatch_family<double, Launch>(a, stream);
+      break;
+    default:
+      dispatch_family<float, Launch>(a, stream);
+  }
+}
+
+template <typename S, int F>
+struct LaunchForward {
+  static void run(const EpilogueArgs& a, cudaStream_t stream) {
+    using M = typename MathType<S>::type;
+    lse_forward_kernel<S, F><<<static_cast<unsigned>(a.num_rows), kThreads, 0, stream>>>(
+        a, make_params<M>(a.kind, a.params));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+template <typename S, int F>
+struct LaunchBackward {
+  static void run(const EpilogueArgs& a, cudaStream_t stream) {
+    using M = typename MathType<S>::type;
+    lse_backward_kernel<S, F><<<static_cast<unsigned>(a.num_rows), kThreads, 0, stream>>>(
+        a, make_params<M>(a.kind, a.params));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+template <typename S>
+void launch_transform(int kind, const double* params, bool target, int64_t n, const void* cos,
+                      const void* x_norm, const void* w_norm, const void* c_target,
+                      const void* gram, void* value, void* deriv, cudaStream_t stream) {
+  using M = typename MathType<S>::type;
+  constexpr int kBlock = 256;
+  const unsigned blocks = static_cast<unsigned>((n + kBlock - 1) / kBlock);
+  margin_transform_kernel<S><<<blocks, kBlock, 0, stream>>>(
+      make_params<M>(kind, params), target, n, static_cast<const S*>(cos),
+      static_cast<const S*>(x_norm), static_cast<const S*>(w_norm), static_cast<const S*>(c_target),
+      static_cast<const S*>(gram), static_cast<S*>(value), static_cast<S*>(deriv));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_lse_forward_cuda(const EpilogueArgs& args, void* stream) {
+  if (args.num_rows == 0) return;
+  dispatch_storage<LaunchForward>(args, static_cast<cudaStream_t>(stream));
+}
+
+void launch_lse_backward_cuda(const EpilogueArgs& args, void* stream) {
+  if (args.num_rows == 0) return;
+  dispatch_storage<LaunchBackward>(args, static_cast<cudaStream_t>(stream));
+}
+
+void launch_margin_transform_cuda(int kind, const double* params, bool target, Storage storage,
+                                  int64_t n, const void* cos, const void* x_norm,
+                                  const void* w_norm, const void* c_target, const void* gram,
+                                  void* value, void* deriv, void* stream) {
+  if (n == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (storage) {
+    case Storage::kFloat16:
+      launch_transform<__half>(kind, params, target, n, cos, x_norm, w_norm, c_target, gram, value,
+                               deriv, s);
+      break;
+    case Storage::kBFloat16:
+      launch_transform<__nv_bfloat16>(kind, params, target, n, cos, x_norm, w_norm, c_target, gram,
+                                      value, deriv, s);
+      break;
+    case Storage::kFloat64:
+      launch_transform<double>(kind, params, target, n, cos, x_norm, w_norm, c_target, gram, value,
+                               deriv, s);
+      break;
+    default:
+      launch_transform<float>(kind, params, target, n, cos, x_norm, w_norm, c_target, gram, value,
+                              deriv, s);
+  }
+}
+
+}  // namespace margin_kernels

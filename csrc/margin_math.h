@@ -1,0 +1,372 @@
+// Per-element margin math shared by the CUDA epilogues and their C++ CPU twin.
+//
+// Everything here is __host__ __device__ (MK_HD), so the same lines compile with nvcc for the
+// kernels and with the host compiler for the CPU ops that CI tests against the torch reference.
+// The kind ids and the order of the params vector mirror MarginSpec.kernel_args() in
+// margin_kernels/spec.py; the formulas mirror margin_kernels/reference.py (DESIGN.md section 2).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MK_HD __host__ __device__ __forceinline__
+#else
+#define MK_HD inline
+#endif
+
+namespace margin_kernels {
+
+// spec.py: NORM_EPS (norms are max(||v||, NORM_EPS)) and SIN2_EPS (sin(theta) in a derivative's
+// denominator is sqrt(max(1 - c^2, SIN2_EPS))).
+constexpr double kNormEps = 1e-12;
+constexpr double kSin2Eps = 1e-6;
+
+// spec.KIND_IDS
+enum Kind : int {
+  kLSoftmax = 0,
+  kSphereFace = 1,
+  kCosFace = 2,
+  kArcFace = 3,
+  kCombined = 4,
+  kSOSoftmax = 5,
+  kWSoftmax = 6,
+  kLMSoftmax = 7,
+  kSoftMargin = 8,
+};
+constexpr int kNumKinds = 9;
+// spec.GRAD_MODES and spec.OVERFLOW_POLICIES
+enum GradMode : int { kExact = 0, kStraightThrough = 1 };
+enum Overflow : int { kFallback = 0, kOverflowNone = 1, kEasy = 2 };
+// Length of MarginSpec.kernel_args()[1]: s, m, m1, m2, m3, lam, lambda_p, lambda_n, alpha,
+// cos(m), sin(m), grad_mode id, overflow id.
+constexpr int kNumParams = 13;
+
+// The non-target logit N depends on the kind only through one of five families; the kernels are
+// templated on the family (the per-row target transform switches on the kind at run time).
+enum Family : int {
+  kScaled = 0,       // N = s c                        (cosface, arcface, combined, lm_softmax)
+  kRaw = 1,          // N = ||x|| ||W_j|| c = W_j . x   (lsoftmax, soft_margin)
+  kFeatureNorm = 2,  // N = ||x|| c                     (sphereface)
+  kSquared = 3,      // N = lambda_n (c^2 - m^2)         (so_softmax)
+  kWeighted = 4,     // N = ||x|| (alpha c_y + c) / sqrt(1 + alpha^2 + 2 alpha g)  (w_softmax)
+};
+constexpr int kNumFamilies = 5;
+
+MK_HD int family_of(int kind) {
+  switch (kind) {
+    case kLSoftmax:
+    case kSoftMargin:
+      return kRaw;
+    case kSphereFace:
+      return kFeatureNorm;
+    case kSOSoftmax:
+      return kSquared;
+    case kWSoftmax:
+      return kWeighted;
+    default:
+      return kScaled;
+  }
+}
+
+template <typename T>
+struct MarginParams {
+  int kind;
+  T s, m, m1, m2, m3, lam, lambda_p, lambda_n, alpha, cos_m, sin_m;
+  int grad_mode, overflow;
+};
+
+// params: the kNumParams values of MarginSpec.kernel_args(), in that order.
+template <typename T, typename P>
+inline MarginParams<T> make_params(int kind, const P* params) {
+  MarginParams<T> p;
+  p.kind = kind;
+  p.s = static_cast<T>(params[0]);
+  p.m = static_cast<T>(params[1]);
+  p.m1 = static_cast<T>(params[2]);
+  p.m2 = static_cast<T>(params[3]);
+  p.m3 = static_cast<T>(params[4]);
+  p.lam = static_cast<T>(params[5]);
+  p.lambda_p = static_cast<T>(params[6]);
+  p.lambda_n = static_cast<T>(params[7]);
+  p.alpha = static_cast<T>(params[8]);
+  p.cos_m = static_cast<T>(params[9]);
+  p.sin_m = static_cast<T>(params[10]);
+  p.grad_mode = static_cast<int>(params[11]);
+  p.overflow = static_cast<int>(params[12]);
+  return p;
+}
+
+template <typename T>
+MK_HD T clamp_unit(T c) {
+  return c < T(-1) ? T(-1) : (c > T(1) ? T(1) : c);
+}
+
+// cos(m theta) as the Chebyshev polynomial T_m(c), m in 1..4, and its derivative dT_m/dc.
+template <typename T>
+MK_HD T chebyshev(T c, int m) {
+  const T c2 = c * c;
+  switch (m) {
+    case 1:
+      return c;
+    case 2:
+      return T(2) * c2 - T(1);
+    case 3:
+      return (T(4) * c2 - T(3)) * c;
+    default:
+      return (T(8) * c2 - T(8)) * c2 + T(1);
+  }
+}
+
+template <typename T>
+MK_HD T chebyshev_deriv(T c, int m) {
+  const T c2 = c * c;
+  switch (m) {
+    case 1:
+      return T(1);
+    case 2:
+      return T(4) * c;
+    case 3:
+      return T(12) * c2 - T(3);
+    default:
+      return (T(32) * c2 - T(16)) * c;
+  }
+}
+
+// k of psi: how many of the thresholds cos(j pi / m), j = 1..m-1, c lies below. The constants
+// are Python's math.cos(j * math.pi / m), so the branch boundaries match the reference bit for
+// bit (cos(pi/2) is 6.1e-17 there, not 0).
+template <typename T>
+MK_HD int psi_branch(T c, int m) {
+  switch (m) {
+    case 2:
+      return int(c < T(6.123233995736766e-17));
+    case 3:
+      return int(c < T(0.5000000000000001)) + int(c < T(-0.4999999999999998));
+    case 4:
+      return int(c < T(0.7071067811865476)) + int(c < T(6.123233995736766e-17)) +
+             int(c < T(-0.7071067811865475));
+    default:
+      return 0;
+  }
+}
+
+// psi_m(theta) = (-1)^k cos(m theta) - 2k; k is piecewise constant, so d psi / dc is
+// (-1)^k T_m'(c) (never m sin(m theta) / sin(theta)).
+template <typename T>
+MK_HD T psi(T c, int m, T* d_c) {
+  const int k = psi_branch(c, m);
+  const T sign = (k & 1) ? T(-1) : T(1);
+  *d_c = sign * chebyshev_deriv(c, m);
+  return sign * chebyshev(c, m) - T(2 * k);
+}
+
+// ArcFace cos(theta + m) and combined cos(m1 theta + m2) - m3, unscaled, with the grad_mode and
+// (arcface) overflow conventions of reference._ArcMargin.
+template <typename T>
+MK_HD T arc_margin(const MarginParams<T>& p, T c, T* d_c) {
+  using std::acos;
+  using std::cos;
+  using std::sin;
+  using std::sqrt;
+  const T cc = clamp_unit(c);
+  // The derivative's sin(theta) is guarded: finite at |c| -> 1.
+  const T sin_guarded = sqrt((T(1) - c * c) > T(kSin2Eps) ? (T(1) - c * c) : T(kSin2Eps));
+  T value;
+  T deriv;
+  if (p.kind == kArcFace) {
+    const T one_minus = T(1) - cc * cc;
+    const T sin_theta = sqrt(one_minus > T(0) ? one_minus : T(0));
+    // cos(theta + m) = c cos m - sin(theta) sin m
+    value = cc * p.cos_m - sin_theta * p.sin_m;
+    bool plain = true;
+    if (p.overflow == kFallback) {
+      // theta > pi - m  <=>  c < -cos m: c - m sin m keeps T monotone
+      plain = c > -p.cos_m;
+      if (!plain) value = c - p.m * p.sin_m;
+    } else if (p.overflow == kEasy) {
+      plain = c > T(0);
+      if (!plain) value = c;
+    }
+    // d cos(theta + m) / dc = cos m + sin m c / sin(theta)
+    deriv = plain ? p.cos_m + p.sin_m * c / sin_guarded : T(1);
+  } else {
+    const T theta = acos(cc);
+    const T angle = p.m1 * theta + p.m2;
+    value = cos(angle) - p.m3;
+    // d cos(m1 theta + m2) / dc = m1 sin(m1 theta + m2) / sin(theta)
+    deriv = p.m1 * sin(angle) / sin_guarded;
+  }
+  *d_c = p.grad_mode == kStraightThrough ? T(1) : deriv;
+  return value;
+}
+
+// Target logit T(c, ||x||, ||W_y||) and its partial derivatives (each with the other two held).
+template <typename T>
+MK_HD T target_logit(const MarginParams<T>& p, T c, T x_norm, T w_norm, T* d_c, T* d_xn, T* d_wn) {
+  *d_xn = T(0);
+  *d_wn = T(0);
+  switch (p.kind) {
+    case kLSoftmax:
+    case kSphereFace: {
+      // blended = (lam c + psi_m(c)) / (1 + lam); L-Softmax scales by ||x|| ||W_y||, SphereFace
+      // by ||x||.
+      T d_psi;
+      const T psi_value = psi(c, static_cast<int>(p.m), &d_psi);
+      const T inv = T(1) / (T(1) + p.lam);
+      const T blended = (p.lam * c + psi_value) * inv;
+      const T d_blended = (p.lam + d_psi) * inv;
+      if (p.kind == kLSoftmax) {
+        *d_c = x_norm * w_norm * d_blended;
+        *d_xn = w_norm * blended;
+        *d_wn = x_norm * blended;
+        return x_norm * w_norm * blended;
+      }
+      *d_c = x_norm * d_blended;
+      *d_xn = blended;
+      return x_norm * blended;
+    }
+    case kCosFace:
+      *d_c = p.s;
+      return p.s * (c - p.m);
+    case kArcFace:
+    case kCombined: {
+      T d_arc;
+      const T value = arc_margin(p, c, &d_arc);
+      *d_c = p.s * d_arc;
+      return p.s * value;
+    }
+    case kSOSoftmax:
+      // lambda_p (m^2 - (c - 1)^2)
+      *d_c = T(-2) * p.lambda_p * (c - T(1));
+      return p.lambda_p * (p.m * p.m - (c - T(1)) * (c - T(1)));
+    case kWSoftmax:
+      *d_c = x_norm;
+      *d_xn = c;
+      return x_norm * c;
+    case kLMSoftmax:
+      *d_c = p.s;
+      return p.s * c;
+    default:
+      // soft_margin: the raw logit minus the margin
+      *d_c = x_norm * w_norm;
+      *d_xn = w_norm * c;
+      *d_wn = x_norm * c;
+      return x_norm * w_norm * c - p.m;
+  }
+}
+
+// W-Softmax denominator sqrt(max(1 + alpha^2 + 2 alpha g, NORM_EPS)); *active says whether the
+// clamp passes the gradient (torch's clamp_min does where its input >= the bound).
+template <typename T>
+MK_HD T weighted_denominator(const MarginParams<T>& p, T gram, bool* active) {
+  using std::sqrt;
+  const T arg = T(1) + p.alpha * p.alpha + T(2) * p.alpha * gram;
+  *active = arg >= T(kNormEps);
+  return sqrt(*active ? arg : T(kNormEps));
+}
+
+// Non-target logit N(c, ||x||, ||W_j||) of family F and dN/dc. W-Softmax also reads c_y (the
+// row's target cosine) and gram = w_y . w_j (unit vectors); the other families ignore them.
+template <int F, typename T>
+MK_HD T nontarget_logit(const MarginParams<T>& p, T c, T x_norm, T w_norm, T c_y, T gram, T* d_c) {
+  if (F == kScaled) {
+    *d_c = p.s;
+    return p.s * c;
+  } else if (F == kRaw) {
+    *d_c = x_norm * w_norm;
+    return x_norm * w_norm * c;
+  } else if (F == kFeatureNorm) {
+    *d_c = x_norm;
+    return x_norm * c;
+  } else if (F == kSquared) {
+    *d_c = T(2) * p.lambda_n * c;
+    return p.lambda_n * (c * c - p.m * p.m);
+  } else {
+    bool active;
+    const T den = weighted_denominator(p, gram, &active);
+    *d_c = x_norm / den;
+    return x_norm * (p.alpha * c_y + c) / den;
+  }
+}
+
+// Gradient of one non-target element, given prob_grad = dL/dN. The logit is a function of the
+// raw dot z = W_j . x (c = z / (||x|| ||W_j||)), of ||x||, and (W-Softmax) of c_y and of
+// g = h / (||W_y|| ||W_j||) with the raw dot h = W_y . W_j. Returned: dL/dz (what the backward
+// epilogue writes over the logits), dL/d||x|| with z held (summed over the row), dL/dc_y
+// (summed over the row) and dL/dh (written over the W-Softmax gram buffer).
+template <typename T>
+struct NontargetGrad {
+  T d_z;
+  T d_xn;
+  T d_cy;
+  T d_h;
+};
+
+template <int F, typename T>
+MK_HD NontargetGrad<T> nontarget_backward(const MarginParams<T>& p, T prob_grad, T c, T x_norm,
+                                          T inv_x_norm, T inv_w_norm, T c_y, T gram,
+                                          T inv_wy_norm) {
+  NontargetGrad<T> g{T(0), T(0), T(0), T(0)};
+  if (F == kRaw) {
+    // N = z
+    g.d_z = prob_grad;
+  } else if (F == kFeatureNorm) {
+    // N = ||x|| c = z / ||W_j||: no ||x|| term at fixed z
+    g.d_z = prob_grad * inv_w_norm;
+  } else if (F == kScaled || F == kSquared) {
+    // N = N(c): dN/dz = N'(c) / (||x|| ||W_j||), dN/d||x|| = -N'(c) c / ||x||
+    const T d_c = F == kScaled ? p.s : T(2) * p.lambda_n * c;
+    const T a = prob_grad * d_c;
+    g.d_z = a * inv_x_norm * inv_w_norm;
+    g.d_xn = -a * c * inv_x_norm;
+  } else {
+    // N = (alpha ||x|| c_y + z / ||W_j||) / den(g)
+    bool active;
+    const T den = weighted_denominator(p, gram, &active);
+    const T inv_den = T(1) / den;
+    g.d_z = prob_grad * inv_w_norm * inv_den;
+    g.d_xn = prob_grad * p.alpha * c_y * inv_den;
+    g.d_cy = prob_grad * x_norm * p.alpha * inv_den;
+    if (active) {
+      // dN/dg = -||x|| (alpha c_y + c) alpha / den^3
+      const T d_g = -x_norm * (p.alpha * c_y + c) * p.alpha * inv_den * inv_den * inv_den;
+      g.d_h = prob_grad * d_g * inv_wy_norm * inv_w_norm;
+    }
+  }
+  return g;
+}
+
+// Online log-sum-exp state: max and the sum of exp(v - max).
+template <typename T>
+struct LseState {
+  T max;
+  T sum;
+};
+
+template <typename T>
+MK_HD void lse_push(LseState<T>* st, T v) {
+  using std::exp;
+  if (v > st->max) {
+    st->sum = st->sum * exp(st->max - v) + T(1);
+    st->max = v;
+  } else {
+    st->sum += exp(v - st->max);
+  }
+}
+
+template <typename T>
+MK_HD LseState<T> lse_merge(LseState<T> a, LseState<T> b) {
+  using std::exp;
+  const T hi = a.max > b.max ? a.max : b.max;
+  if (hi == -INFINITY) return a;
+  return LseState<T>{hi, a.sum * exp(a.max - hi) + b.sum * exp(b.max - hi)};
+}
+
+template <typename T>
+MK_HD T lse_value(LseState<T> st) {
+  using std::log;
+  return st.sum > T(0) ? st.max + log(st.sum) : T(-INFINITY);
+}
+
+}  // namespace margin_kernels

@@ -1,0 +1,537 @@
+// The margin_kernels operator library: schemas, the CPU twin of the CUDA epilogues (the same
+// per-element math from margin_math.h, looped on the host so that CI proves it against the torch
+// reference without a GPU), Meta kernels for fake tensors / torch.compile, and the CUDA
+// registrations that hand raw pointers to margin_epilogue.cu.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "epilogue.h"
+#include "margin_math.h"
+
+// `import margin_kernels._C` loads this library, whose static initialisers register the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace margin_kernels {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+Storage storage_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return Storage::kFloat16;
+    case at::kBFloat16:
+      return Storage::kBFloat16;
+    case at::kDouble:
+      return Storage::kFloat64;
+    case at::kFloat:
+      return Storage::kFloat32;
+    default:
+      TORCH_CHECK_VALUE(false, "margin_kernels: logits must be float16, bfloat16, float32 or ",
+                        "float64, got ", t.scalar_type());
+  }
+  return Storage::kFloat32;
+}
+
+// float64 math for float64 storage, float32 otherwise.
+at::ScalarType math_dtype(const Tensor& storage) {
+  return storage.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_kind_params(int64_t kind, const std::vector<double>& params) {
+  TORCH_CHECK_VALUE(kind >= 0 && kind < kNumKinds, "margin_kernels: kind id must be in [0, ",
+                    kNumKinds, "), got ", kind);
+  TORCH_CHECK_VALUE(static_cast<int>(params.size()) == kNumParams, "margin_kernels: params ",
+                    "must hold ", kNumParams, " values (MarginSpec.kernel_args()), got ",
+                    params.size());
+}
+
+void check_vector(const char* name, const Tensor& t, int64_t length, at::ScalarType dtype,
+                  const Tensor& like) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length, "margin_kernels: ", name,
+                    " must be 1-D of length ", length, ", got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "margin_kernels: ", name, " must be ", dtype,
+                    ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "margin_kernels: ", name, " is on ", t.device(),
+                    " but the logits are on ", like.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "margin_kernels: ", name, " must be contiguous");
+}
+
+// Shared argument checks of margin_lse_fwd / margin_lse_bwd; fills the pointer-free part of args.
+EpilogueArgs check_epilogue(const Tensor& logits, const OptTensor& gram, const Tensor& x_norm,
+                            const Tensor& col_norm, const Tensor& target, const OptTensor& col_ids,
+                            const Tensor& c_target, const Tensor& target_norm, int64_t num_classes,
+                            int64_t kind, const std::vector<double>& params) {
+  check_kind_params(kind, params);
+  TORCH_CHECK_VALUE(logits.dim() == 2, "margin_kernels: logits must be 2-D (R, S), got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "margin_kernels: logits must be contiguous");
+  EpilogueArgs a{};
+  a.kind = static_cast<int>(kind);
+  a.params = params.data();
+  a.storage = storage_of(logits);
+  a.num_rows = logits.size(0);
+  a.num_cols = logits.size(1);
+  a.num_classes = num_classes;
+  const at::ScalarType md = math_dtype(logits);
+  check_vector("x_norm", x_norm, a.num_rows, md, logits);
+  check_vector("col_norm", col_norm, a.num_cols, md, logits);
+  check_vector("target", target, a.num_rows, at::kLong, logits);
+  check_vector("c_target", c_target, a.num_rows, md, logits);
+  check_vector("target_norm", target_norm, a.num_rows, md, logits);
+  if (col_ids.has_value()) check_vector("col_ids", *col_ids, a.num_cols, at::kLong, logits);
+  const bool needs_gram = family_of(a.kind) == kWeighted;
+  TORCH_CHECK_VALUE(gram.has_value() == needs_gram, "margin_kernels: gram (R, S) is required for",
+                    " w_softmax and only for it");
+  if (needs_gram) {
+    TORCH_CHECK_VALUE(gram->sizes() == logits.sizes() && gram->dtype() == logits.dtype() &&
+                          gram->device() == logits.device() && gram->is_contiguous(),
+                      "margin_kernels: gram must be a contiguous tensor like logits ",
+                      logits.sizes(), ", got ", gram->sizes(), " ", gram->dtype());
+  }
+  return a;
+}
+
+void set_pointers(EpilogueArgs* a, const Tensor& logits, const OptTensor& gram,
+                  const Tensor& x_norm, const Tensor& col_norm, const Tensor& target,
+                  const OptTensor& col_ids, const Tensor& c_target, const Tensor& target_norm) {
+  a->logits = logits.data_ptr();
+  a->gram = gram.has_value() ? gram->data_ptr() : nullptr;
+  a->x_norm = x_norm.data_ptr();
+  a->col_norm = col_norm.data_ptr();
+  a->target = target.data_ptr<int64_t>();
+  a->col_ids = col_ids.has_value() ? col_ids->data_ptr<int64_t>() : nullptr;
+  a->c_target = c_target.data_ptr();
+  a->target_norm = target_norm.data_ptr();
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU twin: row loops over the same element functions as the CUDA kernels.
+
+template <typename S, int F>
+void lse_forward_cpu(const EpilogueArgs& a) {
+  using M = at::opmath_type<S>;
+  const MarginParams<M> p = make_params<M>(a.kind, a.params);
+  const S* logits = static_cast<const S*>(a.logits);
+  const S* gram = static_cast<const S*>(a.gram);
+  const M* x_norm = static_cast<const M*>(a.x_norm);
+  const M* col_norm = static_cast<const M*>(a.col_norm);
+  const M* c_target = static_cast<const M*>(a.c_target);
+  const M* target_norm = static_cast<const M*>(a.target_norm);
+  M* neg_lse = static_cast<M*>(a.neg_lse);
+  M* target_logit_out = static_cast<M*>(a.target_logit);
+  at::parallel_for(0, a.num_rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t target = a.target[row];
+      const M xn = x_norm[row];
+      const M inv_xn = M(1) / xn;
+      const M inv_wyn = M(1) / target_norm[row];
+      LseState<M> st{M(-INFINITY), M(0)};
+      for (int64_t j = 0; j < a.num_cols; ++j) {
+        if ((a.col_ids ? a.col_ids[j] : j) == target) continue;
+        const M wn = col_norm[j];
+        const M inv_wn = M(1) / wn;
+        // c_ij = z_ij / (||x_i|| ||W_j||); W-Softmax: g_ij = h_ij / (||W_y|| ||W_j||)
+        const M c = static_cast<M>(logits[row * a.num_cols + j]) * inv_xn * inv_wn;
+        const M g =
+            F == kWeighted ? static_cast<M>(gram[row * a.num_cols + j]) * inv_wyn * inv_wn : M(0);
+        M d_c;
+        lse_push(&st, nontarget_logit<F>(p, c, xn, wn, c_target[row], g, &d_c));
+      }
+      neg_lse[row] = lse_value(st);
+      M d_c, d_xn, d_wn;
+      const M t = target_logit(p, c_target[row], xn, target_norm[row], &d_c, &d_xn, &d_wn);
+      const bool has_target = target >= 0 && target < a.num_classes;
+      target_logit_out[row] = has_target ? t : M(0);
+    }
+  });
+}
+
+template <typename S, int F>
+void lse_backward_cpu(const EpilogueArgs& a) {
+  using M = at::opmath_type<S>;
+  const MarginParams<M> p = make_params<M>(a.kind, a.params);
+  S* logits = static_cast<S*>(a.logits);
+  S* gram = static_cast<S*>(a.gram);
+  const M* x_norm = static_cast<const M*>(a.x_norm);
+  const M* col_norm = static_cast<const M*>(a.col_norm);
+  const M* c_target = static_cast<const M*>(a.c_target);
+  const M* target_norm = static_cast<const M*>(a.target_norm);
+  const M* saved_neg_lse = static_cast<const M*>(a.saved_neg_lse);
+  const M* grad_neg_lse = static_cast<const M*>(a.grad_neg_lse);
+  const M* grad_target = static_cast<const M*>(a.grad_target);
+  M* row_d_xnorm = static_cast<M*>(a.row_d_xnorm);
+  M* row_d_ctarget = static_cast<M*>(a.row_d_ctarget);
+  M* row_d_tnorm = static_cast<M*>(a.row_d_tnorm);
+  at::parallel_for(0, a.num_rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t target = a.target[row];
+      const bool has_target = target >= 0 && target < a.num_classes;
+      const M xn = x_norm[row];
+      const M inv_xn = M(1) / xn;
+      const M c_y = c_target[row];
+      const M wyn = target_norm[row];
+      const M inv_wyn = M(1) / wyn;
+      const M neg_lse = saved_neg_lse[row];
+      // dL/dN_ij = dL/dneg_lse_i * softmax_ij over the unmasked columns
+      const M grad_lse = neg_lse == M(-INFINITY) ? M(0) : grad_neg_lse[row];
+      M d_xn = M(0);
+      M d_cy = M(0);
+      for (int64_t j = 0; j < a.num_cols; ++j) {
+        const int64_t idx = row * a.num_cols + j;
+        const M wn = col_norm[j];
+        const M inv_wn = M(1) / wn;
+        const M c = static_cast<M>(logits[idx]) * inv_xn * inv_wn;
+        const M g = F == kWeighted ? static_cast<M>(gram[idx]) * inv_wyn * inv_wn : M(0);
+        M prob_grad = M(0);
+        if (grad_lse != M(0) && (a.col_ids ? a.col_ids[j] : j) != target) {
+          M d_c;
+          prob_grad = grad_lse * std::exp(nontarget_logit<F>(p, c, xn, wn, c_y, g, &d_c) - neg_lse);
+        }
+        const NontargetGrad<M> ng =
+            nontarget_backward<F>(p, prob_grad, c, xn, inv_xn, inv_wn, c_y, g, inv_wyn);
+        logits[idx] = static_cast<S>(ng.d_z);
+        if (F == kWeighted) gram[idx] = static_cast<S>(ng.d_h);
+        d_xn += ng.d_xn;
+        d_cy += ng.d_cy;
+      }
+      M t_c, t_xn, t_wn;
+      target_logit(p, c_y, xn, wyn, &t_c, &t_xn, &t_wn);
+      const M g_t = has_target ? grad_target[row] : M(0);
+      row_d_xnorm[row] = d_xn + g_t * t_xn;
+      row_d_ctarget[row] = d_cy + g_t * t_c;
+      row_d_tnorm[row] = g_t * t_wn;
+    }
+  });
+}
+
+template <typename S, template <typename, int> class Run>
+void dispatch_family_cpu(const EpilogueArgs& a) {
+  switch (family_of(a.kind)) {
+    case kRaw:
+      return Run<S, kRaw>::run(a);
+    case kFeatureNorm:
+      return Run<S, kFeatureNorm>::run(a);
+    case kSquared:
+      return Run<S, kSquared>::run(a);
+    case kWeighted:
+      return Run<S, kWeighted>::run(a);
+    default:
+      return Run<S, kScaled>::run(a);
+  }
+}
+
+template <typename S, int F>
+struct ForwardCpu {
+  static void run(const EpilogueArgs& a) { lse_forward_cpu<S, F>(a); }
+};
+template <typename S, int F>
+struct BackwardCpu {
+  static void run(const EpilogueArgs& a) { lse_backward_cpu<S, F>(a); }
+};
+
+std::tuple<Tensor, Tensor> lse_fwd_outputs(const Tensor& logits) {
+  auto opts = logits.options().dtype(math_dtype(logits));
+  return {at::empty({logits.size(0)}, opts), at::empty({logits.size(0)}, opts)};
+}
+
+std::tuple<Tensor, Tensor> margin_lse_fwd_cpu(const Tensor& logits, const OptTensor& gram,
+                                              const Tensor& x_norm, const Tensor& col_norm,
+                                              const Tensor& target, const OptTensor& col_ids,
+                                              const Tensor& c_target, const Tensor& target_norm,
+                                              int64_t num_classes, int64_t kind,
+                                              std::vector<double> params) {
+  EpilogueArgs a = check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, c_target,
+                                  target_norm, num_classes, kind, params);
+  set_pointers(&a, logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm);
+  auto [neg_lse, target_logit] = lse_fwd_outputs(logits);
+  a.neg_lse = neg_lse.data_ptr();
+  a.target_logit = target_logit.data_ptr();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "margin_lse_fwd_cpu",
+                                  [&] { dispatch_family_cpu<scalar_t, ForwardCpu>(a); });
+  return {neg_lse, target_logit};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lse_bwd_outputs(const Tensor& logits) {
+  auto opts = logits.options().dtype(math_dtype(logits));
+  const int64_t rows = logits.size(0);
+  return {at::empty({rows}, opts), at::empty({rows}, opts), at::empty({rows}, opts)};
+}
+
+void check_bwd_vectors(const Tensor& logits, const Tensor& neg_lse, const Tensor& grad_neg_lse,
+                       const Tensor& grad_target_logit) {
+  const at::ScalarType md = math_dtype(logits);
+  check_vector("neg_lse", neg_lse, logits.size(0), md, logits);
+  check_vector("grad_neg_lse", grad_neg_lse, logits.size(0), md, logits);
+  check_vector("grad_target_logit", grad_target_logit, logits.size(0), md, logits);
+}
+
+std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
+    const Tensor& logits, const OptTensor& gram, const Tensor& x_norm, const Tensor& col_norm,
+    const Tensor& target, const OptTensor& col_ids, const Tensor& c_target,
+    const Tensor& target_norm, int64_t num_classes, const Tensor& neg_lse,
+    const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t kind,
+    std::vector<double> params) {
+  EpilogueArgs a = check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, c_target,
+                                  target_norm, num_classes, kind, params);
+  check_bwd_vectors(logits, neg_lse, grad_neg_lse, grad_target_logit);
+  set_pointers(&a, logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm);
+  auto [d_xnorm, d_ctarget, d_tnorm] = lse_bwd_outputs(logits);
+  a.saved_neg_lse = neg_lse.data_ptr();
+  a.grad_neg_lse = grad_neg_lse.data_ptr();
+  a.grad_target = grad_target_logit.data_ptr();
+  a.row_d_xnorm = d_xnorm.data_ptr();
+  a.row_d_ctarget = d_ctarget.data_ptr();
+  a.row_d_tnorm = d_tnorm.data_ptr();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "margin_lse_bwd_cpu",
+                                  [&] { dispatch_family_cpu<scalar_t, BackwardCpu>(a); });
+  return {d_xnorm, d_ctarget, d_tnorm};
+}
+
+void check_transform(const Tensor& cos, const Tensor& x_norm, const Tensor& w_norm,
+                     const OptTensor& c_target, const OptTensor& gram, int64_t kind,
+                     const std::vector<double>& params, bool target) {
+  check_kind_params(kind, params);
+  storage_of(cos);
+  auto same = [&](const char* name, const Tensor& t) {
+    TORCH_CHECK_VALUE(
+        t.sizes() == cos.sizes() && t.dtype() == cos.dtype() && t.device() == cos.device(),
+        "margin_kernels: ", name, " must match cos (shape ", cos.sizes(), ", ", cos.dtype(),
+        "), got ", t.sizes(), " ", t.dtype());
+  };
+  same("x_norm", x_norm);
+  same("w_norm", w_norm);
+  if (c_target.has_value()) same("c_target", *c_target);
+  if (gram.has_value()) same("gram", *gram);
+  TORCH_CHECK_VALUE(target || family_of(static_cast<int>(kind)) != kWeighted ||
+                        (c_target.has_value() && gram.has_value()),
+                    "margin_kernels: the w_softmax non-target transform needs c_target and gram");
+}
+
+template <typename S>
+void transform_cpu(int64_t kind, const std::vector<double>& params, bool target, int64_t n,
+                   const S* cos, const S* x_norm, const S* w_norm, const S* c_target, const S* gram,
+                   S* value, S* deriv) {
+  using M = at::opmath_type<S>;
+  const MarginParams<M> p = make_params<M>(static_cast<int>(kind), params.data());
+  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const M c = static_cast<M>(cos[i]);
+      const M xn = static_cast<M>(x_norm[i]);
+      const M wn = static_cast<M>(w_norm[i]);
+      const M cy = c_target ? static_cast<M>(c_target[i]) : M(0);
+      const M g = gram ? static_cast<M>(gram[i]) : M(0);
+      M v, d, unused_xn, unused_wn;
+      if (target) {
+        v = target_logit(p, c, xn, wn, &d, &unused_xn, &unused_wn);
+      } else {
+        switch (family_of(p.kind)) {
+          case kRaw:
+            v = nontarget_logit<kRaw>(p, c, xn, wn, cy, g, &d);
+            break;
+          case kFeatureNorm:
+            v = nontarget_logit<kFeatureNorm>(p, c, xn, wn, cy, g, &d);
+            break;
+          case kSquared:
+            v = nontarget_logit<kSquared>(p, c, xn, wn, cy, g, &d);
+            break;
+          case kWeighted:
+            v = nontarget_logit<kWeighted>(p, c, xn, wn, cy, g, &d);
+            break;
+          default:
+            v = nontarget_logit<kScaled>(p, c, xn, wn, cy, g, &d);
+        }
+      }
+      value[i] = static_cast<S>(v);
+      deriv[i] = static_cast<S>(d);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> margin_transform_cpu(const Tensor& cos, const Tensor& x_norm,
+                                                const Tensor& w_norm, const OptTensor& c_target,
+                                                const OptTensor& gram, int64_t kind,
+                                                std::vector<double> params, bool target) {
+  check_transform(cos, x_norm, w_norm, c_target, gram, kind, params, target);
+  const Tensor cos_c = cos.contiguous();
+  const Tensor xn_c = x_norm.contiguous();
+  const Tensor wn_c = w_norm.contiguous();
+  // Undefined tensors stand for absent optionals (null pointers below).
+  const Tensor cy_c = c_target.has_value() ? c_target->contiguous() : Tensor();
+  const Tensor g_c = gram.has_value() ? gram->contiguous() : Tensor();
+  Tensor value = at::empty_like(cos_c);
+  Tensor deriv = at::empty_like(cos_c);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, cos.scalar_type(), "margin_transform", [&] {
+        transform_cpu<scalar_t>(kind, params, target, cos_c.numel(), cos_c.data_ptr<scalar_t>(),
+                                xn_c.data_ptr<scalar_t>(), wn_c.data_ptr<scalar_t>(),
+                                cy_c.defined() ? cy_c.data_ptr<scalar_t>() : nullptr,
+                                g_c.defined() ? g_c.data_ptr<scalar_t>() : nullptr,
+                                value.data_ptr<scalar_t>(), deriv.data_ptr<scalar_t>());
+      });
+  return {value, deriv};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Meta: shapes and dtypes only (fake tensors, torch.compile, opcheck).
+
+std::tuple<Tensor, Tensor> margin_transform_meta(const Tensor& cos, const Tensor& x_norm,
+                                                 const Tensor& w_norm, const OptTensor& c_target,
+                                                 const OptTensor& gram, int64_t kind,
+                                                 std::vector<double> params, bool target) {
+  check_transform(cos, x_norm, w_norm, c_target, gram, kind, params, target);
+  return {at::empty_like(cos, at::MemoryFormat::Contiguous),
+          at::empty_like(cos, at::MemoryFormat::Contiguous)};
+}
+
+std::tuple<Tensor, Tensor> margin_lse_fwd_meta(const Tensor& logits, const OptTensor& gram,
+                                               const Tensor& x_norm, const Tensor& col_norm,
+                                               const Tensor& target, const OptTensor& col_ids,
+                                               const Tensor& c_target, const Tensor& target_norm,
+                                               int64_t num_classes, int64_t kind,
+                                               std::vector<double> params) {
+  check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm,
+                 num_classes, kind, params);
+  return lse_fwd_outputs(logits);
+}
+
+std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_meta(
+    const Tensor& logits, const OptTensor& gram, const Tensor& x_norm, const Tensor& col_norm,
+    const Tensor& target, const OptTensor& col_ids, const Tensor& c_target,
+    const Tensor& target_norm, int64_t num_classes, const Tensor& neg_lse,
+    const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t kind,
+    std::vector<double> params) {
+  check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm,
+                 num_classes, kind, params);
+  check_bwd_vectors(logits, neg_lse, grad_neg_lse, grad_target_logit);
+  return lse_bwd_outputs(logits);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA: allocate, check, hand raw pointers and the current stream to margin_epilogue.cu.
+
+void* current_stream(const Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+std::tuple<Tensor, Tensor> margin_lse_fwd_cuda(const Tensor& logits, const OptTensor& gram,
+                                               const Tensor& x_norm, const Tensor& col_norm,
+                                               const Tensor& target, const OptTensor& col_ids,
+                                               const Tensor& c_target, const Tensor& target_norm,
+                                               int64_t num_classes, int64_t kind,
+                                               std::vector<double> params) {
+  EpilogueArgs a = check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, c_target,
+                                  target_norm, num_classes, kind, params);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  set_pointers(&a, logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm);
+  auto [neg_lse, target_logit] = lse_fwd_outputs(logits);
+  a.neg_lse = neg_lse.data_ptr();
+  a.target_logit = target_logit.data_ptr();
+  launch_lse_forward_cuda(a, current_stream(logits));
+  return {neg_lse, target_logit};
+}
+
+std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
+    const Tensor& logits, const OptTensor& gram, const Tensor& x_norm, const Tensor& col_norm,
+    const Tensor& target, const OptTensor& col_ids, const Tensor& c_target,
+    const Tensor& target_norm, int64_t num_classes, const Tensor& neg_lse,
+    const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t kind,
+    std::vector<double> params) {
+  EpilogueArgs a = check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, c_target,
+                                  target_norm, num_classes, kind, params);
+  check_bwd_vectors(logits, neg_lse, grad_neg_lse, grad_target_logit);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  set_pointers(&a, logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm);
+  auto [d_xnorm, d_ctarget, d_tnorm] = lse_bwd_outputs(logits);
+  a.saved_neg_lse = neg_lse.data_ptr();
+  a.grad_neg_lse = grad_neg_lse.data_ptr();
+  a.grad_target = grad_target_logit.data_ptr();
+  a.row_d_xnorm = d_xnorm.data_ptr();
+  a.row_d_ctarget = d_ctarget.data_ptr();
+  a.row_d_tnorm = d_tnorm.data_ptr();
+  launch_lse_backward_cuda(a, current_stream(logits));
+  return {d_xnorm, d_ctarget, d_tnorm};
+}
+
+std::tuple<Tensor, Tensor> margin_transform_cuda(const Tensor& cos, const Tensor& x_norm,
+                                                 const Tensor& w_norm, const OptTensor& c_target,
+                                                 const OptTensor& gram, int64_t kind,
+                                                 std::vector<double> params, bool target) {
+  check_transform(cos, x_norm, w_norm, c_target, gram, kind, params, target);
+  const c10::cuda::CUDAGuard guard(cos.device());
+  const Tensor cos_c = cos.contiguous();
+  const Tensor xn_c = x_norm.contiguous();
+  const Tensor wn_c = w_norm.contiguous();
+  // Undefined tensors stand for absent optionals (null pointers below).
+  const Tensor cy_c = c_target.has_value() ? c_target->contiguous() : Tensor();
+  const Tensor g_c = gram.has_value() ? gram->contiguous() : Tensor();
+  Tensor value = at::empty_like(cos_c);
+  Tensor deriv = at::empty_like(cos_c);
+  launch_margin_transform_cuda(static_cast<int>(kind), params.data(), target, storage_of(cos),
+                               cos_c.numel(), cos_c.data_ptr(), xn_c.data_ptr(), wn_c.data_ptr(),
+                               cy_c.defined() ? cy_c.data_ptr() : nullptr,
+                               g_c.defined() ? g_c.data_ptr() : nullptr, value.data_ptr(),
+                               deriv.data_ptr(), current_stream(cos));
+  return {value, deriv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(margin_kernels, m) {
+  // Value and dvalue/dcos of the target (T) or non-target (N) transform, element-wise; all
+  // tensors share cos's shape. c_target and gram (unit-vector w_y . w_j) are read by w_softmax.
+  m.def(
+      "margin_transform(Tensor cos, Tensor x_norm, Tensor w_norm, Tensor? c_target, "
+      "Tensor? gram, int kind, float[] params, bool target) -> (Tensor, Tensor)");
+  // Forward epilogue over a (R, S) chunk of raw dots: (neg_lse (R,), target_logit (R,)).
+  m.def(
+      "margin_lse_fwd(Tensor logits, Tensor? gram, Tensor x_norm, Tensor col_norm, "
+      "Tensor target, Tensor? col_ids, Tensor c_target, Tensor target_norm, int num_classes, "
+      "int kind, float[] params) -> (Tensor, Tensor)");
+  // Backward epilogue: overwrites logits with dL/dz (and gram with dL/dh); returns per row
+  // dL/d||x|| (raw dots held), dL/dc_y and dL/d||W_y||.
+  m.def(
+      "margin_lse_bwd(Tensor(a!) logits, Tensor(b!)? gram, Tensor x_norm, Tensor col_norm, "
+      "Tensor target, Tensor? col_ids, Tensor c_target, Tensor target_norm, int num_classes, "
+      "Tensor neg_lse, Tensor grad_neg_lse, Tensor grad_target_logit, int kind, "
+      "float[] params) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(margin_kernels, CPU, m) {
+  m.impl("margin_transform", &margin_transform_cpu);
+  m.impl("margin_lse_fwd", &margin_lse_fwd_cpu);
+  m.impl("margin_lse_bwd", &margin_lse_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(margin_kernels, Meta, m) {
+  m.impl("margin_transform", &margin_transform_meta);
+  m.impl("margin_lse_fwd", &margin_lse_fwd_meta);
+  m.impl("margin_lse_bwd", &margin_lse_bwd_meta);
+}
+
+TORCH_LIBRARY_IMPL(margin_kernels, CUDA, m) {
+  m.impl("margin_transform", &margin_transform_cuda);
+  m.impl("margin_lse_fwd", &margin_lse_fwd_cuda);
+  m.impl("margin_lse_bwd", &margin_lse_bwd_cuda);
+}
+
+}  // namespace margin_kernels
