@@ -1,0 +1,362 @@
+"""The CUDA C++ backend: its C++ math (the CPU twin of the CUDA epilogues, compiled from the same
+csrc/margin_math.h) against the torch reference, the chunked algorithm of ops/cuda.py on CPU
+tensors against the float64 reference, op registration (opcheck, torch.compile), the errors, and
+GPU parity (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_reference import ALL_SPECS, PSI_VALUES
+
+import margin_kernels as mk
+from margin_kernels import reference
+from margin_kernels.ops import cuda as cuda_backend
+from margin_kernels.spec import MarginSpec
+
+needs_ext = pytest.mark.skipif(
+    not cuda_backend.HAS_CUDA_EXT,
+    reason="margin_kernels._C is not built (needs the CUDA build of torch and nvcc)",
+)
+needs_gpu = pytest.mark.skipif(
+    not (cuda_backend.HAS_CUDA_EXT and torch.cuda.is_available()),
+    reason="needs a CUDA GPU and the built extension",
+)
+
+# Straight-through specs on top of ALL_SPECS (not in it: they are not the true gradient).
+TRANSFORM_SPECS = {
+    **ALL_SPECS,
+    "arcface_st_fallback": MarginSpec.arcface(8.0, 0.5, grad_mode="straight_through"),
+    "arcface_st_easy": MarginSpec.arcface(8.0, 0.5, "straight_through", "easy"),
+    "combined_st": MarginSpec.combined(8.0, 1.2, 0.3, 0.1, grad_mode="straight_through"),
+}
+
+# Cosines covering every psi branch, the thresholds cos(j pi/m), |c| -> 1 and theta + m > pi.
+COSINES = sorted(
+    {round(v, 6) for v in torch.linspace(-1, 1, 41).tolist()}
+    | {1.0, -1.0, 0.99999, -0.99999, 0.7, -0.7, 0.49, 0.51, -0.49, -0.51, 0.0, 0.9, -0.9, -0.95}
+)
+
+
+def _reference_transform(spec, c, x_norm, w_norm, target, c_target=None, gram=None):
+    """Value and autograd d/dc of the reference transform."""
+    c = c.clone().requires_grad_()
+    if target:
+        value = reference.target_transform(c, x_norm, w_norm, spec)
+    else:
+        value = reference.nontarget_transform(c, x_norm, w_norm, spec, c_target, gram)
+    (deriv,) = torch.autograd.grad(value.sum(), c)
+    return value.detach(), deriv
+
+
+@needs_ext
+@pytest.mark.parametrize("target", [True, False], ids=["target", "nontarget"])
+@pytest.mark.parametrize("name", sorted(TRANSFORM_SPECS))
+def test_margin_transform_matches_reference(name, target):
+    spec = TRANSFORM_SPECS[name]
+    g = torch.Generator().manual_seed(0)
+    c = torch.tensor(COSINES, dtype=torch.float64)
+    x_norm = torch.rand(c.shape, generator=g, dtype=torch.float64) * 3 + 0.5
+    w_norm = torch.rand(c.shape, generator=g, dtype=torch.float64) * 2 + 0.5
+    c_target = torch.rand(c.shape, generator=g, dtype=torch.float64) * 2 - 1
+    gram = torch.rand(c.shape, generator=g, dtype=torch.float64) * 2 - 1
+    value, deriv = cuda_backend.margin_transform(c, spec, target, x_norm, w_norm, c_target, gram)
+    ref_value, ref_deriv = _reference_transform(spec, c, x_norm, w_norm, target, c_target, gram)
+    torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(deriv, ref_deriv, rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(deriv).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["cosface", "arcface_exact_fallback", "combined", "lsoftmax_m4"])
+def test_margin_transform_float32(name):
+    spec = ALL_SPECS[name]
+    c = torch.tensor(COSINES, dtype=torch.float32)
+    ones = torch.ones_like(c)
+    value, deriv = cuda_backend.margin_transform(c, spec, True)
+    ref_value, ref_deriv = _reference_transform(spec, c, ones, ones, True)
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(deriv, ref_deriv, rtol=1e-4, atol=1e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("m", sorted(PSI_VALUES))
+def test_psi_reference_values_in_cpp(m):
+    degrees = sorted(PSI_VALUES[m])
+    c = torch.tensor([math.cos(math.radians(d)) for d in degrees], dtype=torch.float64)
+    value, _ = cuda_backend.margin_transform(c, MarginSpec.sphereface(m), True)
+    expected = torch.tensor([PSI_VALUES[m][d] for d in degrees], dtype=torch.float64)
+    torch.testing.assert_close(value, expected, rtol=0, atol=1e-9)
+
+
+@needs_ext
+def test_arc_margins_at_unit_cosine_and_past_pi():
+    c = torch.tensor([1.0, -1.0, 0.999999, -0.999999, -0.95], dtype=torch.float64)
+    m = 0.5
+    fallback, fallback_d = cuda_backend.margin_transform(c, MarginSpec.arcface(1.0, m), True)
+    assert torch.isfinite(fallback_d).all()
+    # theta > pi - m: c - m sin m with slope 1 (fallback), c itself for c <= 0 (easy)
+    past = c < -math.cos(m)
+    torch.testing.assert_close(fallback[past], c[past] - m * math.sin(m))
+    torch.testing.assert_close(fallback_d[past], torch.ones_like(c[past]))
+    easy, _ = cuda_backend.margin_transform(c, MarginSpec.arcface(1.0, m, overflow="easy"), True)
+    torch.testing.assert_close(easy[c <= 0], c[c <= 0])
+    plain, _ = cuda_backend.margin_transform(c, MarginSpec.arcface(1.0, m, overflow="none"), True)
+    theta = torch.acos(c)
+    torch.testing.assert_close(plain, torch.cos(theta + m))
+    # exact derivative at |c| -> 1: cos m + sin m c / sqrt(max(1 - c^2, 1e-6)), finite
+    _, exact_d = cuda_backend.margin_transform(c, MarginSpec.arcface(1.0, m, overflow="none"), True)
+    expected = math.cos(m) + math.sin(m) * c / (1 - c * c).clamp_min(1e-6).sqrt()
+    torch.testing.assert_close(exact_d, expected)
+    _, st_d = cuda_backend.margin_transform(
+        c, MarginSpec.arcface(2.0, m, grad_mode="straight_through"), True
+    )
+    torch.testing.assert_close(st_d, torch.full_like(c, 2.0))
+
+
+def _problem(dtype, b=11, c=13, d=6, seed=0, noncontiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 2 * d if noncontiguous else d, generator=g, dtype=dtype)
+    if noncontiguous:
+        x = x[:, ::2]
+    w = torch.randn(c, d, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (b,), generator=g)
+    y[2] = -1  # ignored row (no target)
+    y[7] = c + 4  # target owned by another shard
+    return x, w, y
+
+
+def _parts_and_grads(fn, x, w, y, spec, class_ids, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    neg_lse, t = fn(x, w, y, spec, class_ids, **kwargs)
+    valid = (y >= 0) & (y < w.shape[0])
+    loss = reference.loss_from_parts(neg_lse, t, valid, spec, "none")
+    g = torch.Generator().manual_seed(5)
+    # weights on the per-row parts too, so that neg_lse and t get independent gradients
+    probe = (loss * torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss)).sum()
+    probe = probe + (torch.where(torch.isfinite(neg_lse), neg_lse, 0) * 0.3).sum() + 0.2 * t.sum()
+    probe.backward()
+    return loss.detach(), neg_lse.detach(), t.detach(), x.grad, w.grad
+
+
+@needs_ext
+@pytest.mark.parametrize("partial_fc", [False, True], ids=["all_classes", "class_ids"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", sorted(ALL_SPECS))
+def test_chunked_lse_parts_matches_fp64_reference(name, dtype, partial_fc):
+    spec = ALL_SPECS[name]
+    x, w, y = _problem(dtype, noncontiguous=name.startswith(("arcface", "w_")))
+    class_ids = torch.tensor([0, 3, 4, 7, 8, 12, 5]) if partial_fc else None
+    num_cols = w.shape[0] if class_ids is None else class_ids.numel()
+    # 4 rows per chunk: chunk boundaries that do not divide B = 11
+    chunk_bytes = 4 * num_cols * x.element_size() * (2 if spec.kind == "w_softmax" else 1)
+    assert cuda_backend.rows_per_chunk(num_cols, x.element_size(), spec, chunk_bytes) == 4
+    got = _parts_and_grads(
+        cuda_backend._chunked_lse_parts, x, w, y, spec, class_ids, chunk_bytes=chunk_bytes
+    )
+    want = _parts_and_grads(reference.lse_parts, x.double(), w.double(), y, spec, class_ids)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
+    for label, a, b in zip(("loss", "neg_lse", "target", "dX", "dW"), got, want, strict=True):
+        assert a.dtype == dtype, label
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, k=label: f"{k}: {m}")
+    if class_ids is not None:
+        # dW is zero outside the sampled classes and the rows' targets
+        touched = torch.zeros(w.shape[0], dtype=torch.bool)
+        touched[class_ids] = True
+        touched[y[(y >= 0) & (y < w.shape[0])]] = True
+        if spec.kind == "w_softmax":
+            touched[0] = True  # rows without a target read W[0] (reference semantics)
+        assert got[4][~touched].abs().max() == 0
+
+
+@needs_ext
+def test_rows_with_only_the_target_column_give_minus_inf():
+    x, w, _ = _problem(torch.float64)
+    x, w, y = x[:3], w[:4], torch.tensor([1, 1, 2])
+    class_ids = torch.tensor([1])
+    spec = MarginSpec.cosface(8.0)
+    got = _parts_and_grads(cuda_backend._chunked_lse_parts, x, w, y, spec, class_ids)
+    want = _parts_and_grads(reference.lse_parts, x, w, y, spec, class_ids)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.isneginf(got[1][:2]).all()
+
+
+@needs_ext
+def test_empty_batch():
+    x = torch.zeros(0, 4, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    neg_lse, t = cuda_backend._chunked_lse_parts(
+        x, w, torch.zeros(0, dtype=torch.long), ALL_SPECS["cosface"]
+    )
+    assert neg_lse.shape == t.shape == (0,)
+    (neg_lse.sum() + t.sum()).backward()
+    assert w.grad.abs().sum() == 0
+
+
+def test_rows_per_chunk_budget(monkeypatch):
+    spec = MarginSpec.arcface()
+    monkeypatch.delenv(cuda_backend.CHUNK_BYTES_ENV, raising=False)
+    # C = 10^6 classes in fp32: 256 MiB holds 67 rows of logits
+    assert cuda_backend.rows_per_chunk(10**6, 4, spec, None) == 256 * 2**20 // (4 * 10**6)
+    assert cuda_backend.rows_per_chunk(10**6, 4, MarginSpec.w_softmax(), None) == 33
+    monkeypatch.setenv(cuda_backend.CHUNK_BYTES_ENV, str(8 * 10**6))
+    assert cuda_backend.rows_per_chunk(10**6, 2, spec, None) == 4
+    assert cuda_backend.rows_per_chunk(10**6, 2, spec, 10) == 1
+    monkeypatch.setenv(cuda_backend.CHUNK_BYTES_ENV, "lots")
+    with pytest.raises(ValueError, match=cuda_backend.CHUNK_BYTES_ENV):
+        cuda_backend.rows_per_chunk(10, 4, spec, None)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        cuda_backend.rows_per_chunk(10, 4, spec, 0)
+
+
+def _op_args(spec, dtype=torch.float64, rows=5, cols=7):
+    g = torch.Generator().manual_seed(3)
+    kind, params = spec.kernel_args()
+    weighted = spec.kind == "w_softmax"
+    return {
+        "logits": torch.randn(rows, cols, generator=g, dtype=dtype),
+        "gram": torch.randn(rows, cols, generator=g, dtype=dtype) if weighted else None,
+        "x_norm": torch.rand(rows, generator=g, dtype=dtype) + 1,
+        "col_norm": torch.rand(cols, generator=g, dtype=dtype) + 1,
+        "target": torch.tensor([0, 3, -1, 6, 9])[:rows],
+        "col_ids": torch.arange(cols) * 2 if spec.kind == "cosface" else None,
+        "c_target": torch.rand(rows, generator=g, dtype=dtype) * 2 - 1,
+        "target_norm": torch.rand(rows, generator=g, dtype=dtype) + 1,
+        "num_classes": 9,
+        "kind": kind,
+        "params": list(params),
+    }
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["cosface", "w_softmax", "lsoftmax_m4"])
+def test_opcheck_every_op(name):
+    spec = ALL_SPECS[name]
+    ops = torch.ops.margin_kernels
+    a = _op_args(spec)
+    fwd_args = tuple(a.values())
+    torch.library.opcheck(ops.margin_lse_fwd.default, fwd_args)
+    neg_lse, _ = ops.margin_lse_fwd(*fwd_args)
+    rows = a["logits"].shape[0]
+    g = torch.Generator().manual_seed(4)
+    bwd_args = (
+        *list(fwd_args[:9]),
+        neg_lse,
+        torch.randn(rows, generator=g, dtype=torch.float64),
+        torch.randn(rows, generator=g, dtype=torch.float64),
+        a["kind"],
+        a["params"],
+    )
+    torch.library.opcheck(ops.margin_lse_bwd.default, bwd_args)
+    c = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    ones = torch.ones_like(c)
+    transform_args = (c, ones, ones, c.flip(0), c * 0.5, a["kind"], a["params"], True)
+    torch.library.opcheck(ops.margin_transform.default, transform_args)
+    torch.library.opcheck(ops.margin_transform.default, (*transform_args[:-1], False))
+
+
+@needs_ext
+def test_ops_reject_bad_arguments():
+    ops = torch.ops.margin_kernels
+    a = _op_args(MarginSpec.cosface())
+    with pytest.raises(ValueError, match="kind id"):
+        ops.margin_lse_fwd(*{**a, "kind": 42}.values())
+    with pytest.raises(ValueError, match="params"):
+        ops.margin_lse_fwd(*{**a, "params": [1.0]}.values())
+    with pytest.raises(ValueError, match="x_norm"):
+        ops.margin_lse_fwd(*{**a, "x_norm": a["x_norm"].float()}.values())
+    with pytest.raises(ValueError, match="gram"):
+        w_args = _op_args(MarginSpec.w_softmax())
+        ops.margin_lse_fwd(*{**w_args, "gram": None}.values())
+
+
+@needs_ext
+def test_torch_compile_fullgraph_cpu_twin():
+    torch._dynamo.reset()
+    spec = ALL_SPECS["arcface_exact_fallback"]
+    x, w, y = _problem(torch.float32)
+
+    def loss_fn(x, w):
+        neg_lse, t = cuda_backend._chunked_lse_parts(x, w, y, spec, chunk_bytes=4 * 13 * 4)
+        return reference.loss_from_parts(neg_lse, t, y >= 0, spec, "mean")
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    compiled(xa, wa).backward()
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss_fn(xb, wb).backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(wa.grad, wb.grad)
+
+
+def test_cpu_tensors_raise_clear_error():
+    x, w, y = _problem(torch.float32)
+    reason = cuda_backend.unavailable_reason(torch.device("cpu"), MarginSpec.cosface())
+    assert reason is not None
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        mk.cosface_loss(x, w, y.clamp(0, 12), backend="cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        cuda_backend.lse_parts(x, w, y, MarginSpec.cosface())
+    if cuda_backend.HAS_CUDA_EXT:
+        assert "CUDA tensors only" in reason
+
+
+def test_missing_extension_names_the_fix(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "HAS_CUDA_EXT", False)
+    monkeypatch.setattr(cuda_backend, "_EXT_IMPORT_ERROR", "No module named 'margin_kernels._C'")
+    reason = cuda_backend.unavailable_reason(torch.device("cuda"), MarginSpec.cosface())
+    assert "margin_kernels._C" in reason
+    assert "pip install --no-build-isolation -e ." in reason
+    assert "MARGIN_KERNELS_FORCE_CUDA_BUILD=1" in reason
+    assert "nvcc" in reason
+    x, w, y = _problem(torch.float32)
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        cuda_backend._chunked_lse_parts(x, w, y, MarginSpec.cosface())
+
+
+def test_auto_prefers_triton_until_measured():
+    assert cuda_backend.AUTO_CROSSOVER_MEASURED is False
+    from margin_kernels.ops import _COMPILED
+
+    assert next(iter(_COMPILED)) == "triton"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(ALL_SPECS))
+def test_cuda_matches_reference(name, dtype):
+    spec = ALL_SPECS[name]
+    g = torch.Generator().manual_seed(0)
+    b, c, d = 37, 1031, 64
+    x = torch.randn(b, d, generator=g).to("cuda", dtype)
+    w = torch.randn(c, d, generator=g).to("cuda", dtype)
+    y = torch.randint(0, c, (b,), generator=g).cuda()
+    y[3] = -1
+    class_ids = torch.randperm(c, generator=g)[:500].cuda()
+    for ids in (None, class_ids):
+        got = _parts_and_grads(cuda_backend.lse_parts, x, w, y, spec, ids, chunk_bytes=16 * c * 4)
+        want = _parts_and_grads(reference.lse_parts, x.double(), w.double(), y, spec, ids)
+        tol = (
+            {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+        )
+        for a, b_ in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), b_, **tol)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_margin_transform_matches_cpu_twin():
+    c = torch.tensor(COSINES, dtype=torch.float32)
+    for spec in TRANSFORM_SPECS.values():
+        for target in (True, False):
+            cpu = cuda_backend.margin_transform(c, spec, target, c_target=c, gram=c.flip(0))
+            gpu = cuda_backend.margin_transform(
+                c.cuda(), spec, target, c_target=c.cuda(), gram=c.flip(0).cuda()
+            )
+            for a, b in zip(cpu, gpu, strict=True):
+                torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-5)
