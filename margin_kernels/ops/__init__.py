@@ -5,7 +5,8 @@
 * ``lse_parts(x, weight, target, spec, class_ids=None, deterministic=False)`` — the contract of
   :func:`margin_kernels.reference.lse_parts`, differentiable w.r.t. ``x`` and ``weight``.
 
-Backends are imported lazily so that ``import margin_kernels`` never fails.
+Backend modules are imported with this package; each guards its optional dependencies into
+``HAS_*`` flags, so ``import margin_kernels`` never fails.
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 _COMPILED = {"triton": "margin_kernels.ops.triton", "cuda": "margin_kernels.ops.cuda"}
 
 
-def _load(name: str) -> tuple[ModuleType | None, str | None]:
+def _import(name: str) -> tuple[ModuleType | None, str | None]:
     try:
         return importlib.import_module(_COMPILED[name]), None
     except ImportError as exc:  # a backend module that cannot import is simply unavailable
         return None, f"the {name} backend could not be imported ({exc})"
+
+
+# Each backend module guards its own optional dependencies (so this cannot fail); importing
+# them here, once, keeps `resolve` free of imports, which torch.compile cannot trace.
+_LOADED = {name: _import(name) for name in _COMPILED}
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    return _LOADED[name]
 
 
 def _reason(name: str, device: torch.device, spec: MarginSpec) -> str | None:

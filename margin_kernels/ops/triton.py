@@ -462,8 +462,9 @@ if HAS_TRITON:
         of dX (B, D), dW (S, D), dWY (B, D) and the row/column scalars with atomics. Three GEMMs'
         worth of work in all; the order of the atomic adds is not fixed (not bitwise
         deterministic)."""
-        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        # column tiles on grid axis 0: C / BLOCK_C can exceed the 65535 limit of axes 1 and 2
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         dd, de, r_nx, r_cy, r_ny, c_nw, rows64, row_mask, cls, col_mask, y_safe = _dlogits_tile(
             X, W, rows, cols, B, S, D, Y, IDS, NX, NW, CY, NY, LSE, GLSE,
             stride_xb, stride_xd, stride_wc, stride_wd, s, marg, lambda_n, alpha,
@@ -702,7 +703,7 @@ def _num_sms(device: torch.device) -> int:
 def _row_norms(src: torch.Tensor, ids: torch.Tensor | None, acc_dtype: torch.dtype):
     n_rows = src.shape[0] if ids is None else ids.shape[0]
     out = torch.empty(n_rows, device=src.device, dtype=acc_dtype)
-    block_r, block_d = (16, 16) if INTERPRET else (32, 128)
+    block_r, block_d = (256, 16) if INTERPRET else (32, 128)
     _row_norm_kernel[(triton.cdiv(n_rows, block_r),)](
         src, ids if ids is not None else src, out, n_rows, src.shape[1],
         src.stride(0), src.stride(1),
@@ -818,12 +819,12 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
                 *head, dw_cols, col_sc, *tail, BLOCK_OUT=blk.out_d, **common
             )
         else:
-            _bwd_fused_kernel[(triton.cdiv(batch, blk.bwd_b), triton.cdiv(n_cols, blk.bwd_c))](
+            _bwd_fused_kernel[(triton.cdiv(n_cols, blk.bwd_c), triton.cdiv(batch, blk.bwd_b))](
                 *head, dx, dw_cols, dwy, row_sc, col_sc, *tail, **common
             )
         # column-norm term: dW_j += (dL/dnw_j / nw_j) W_j
         if family != NT_RAW:
-            block_r, block_d = (16, 16) if INTERPRET else (32, 128)
+            block_r, block_d = (256, 16) if INTERPRET else (32, 128)
             _add_scaled_rows_kernel[(triton.cdiv(n_cols, block_r),)](
                 dw_cols, weight, ids if ids is not None else y, col_sc / nw, n_cols, dim,
                 weight.stride(0), weight.stride(1),

@@ -1,0 +1,283 @@
+"""The Triton backend against the float64 reference: every loss kind, both backward paths, awkward
+shapes, saturation, |cos| -> 1, theta + m > pi, Partial FC, low precision, op registration.
+
+CI runs these under ``TRITON_INTERPRET=1`` on CPU tensors (the interpreter uses 16-wide tiles, so
+the small shapes below still cross several row tiles, column tiles, splits and K slices). On a
+machine with a GPU and without the interpreter they run on CUDA tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import margin_kernels as mk
+from margin_kernels.ops import resolve
+from margin_kernels.spec import MarginSpec
+
+tb = pytest.importorskip("margin_kernels.ops.triton")
+if not tb.HAS_TRITON:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+if tb.INTERPRET:
+    DEVICE = torch.device("cpu")
+elif torch.cuda.is_available():
+    DEVICE = torch.device("cuda")
+else:
+    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from test_reference import ALL_SPECS  # noqa: E402
+
+B, C, D = 19, 37, 24  # B not a multiple of the tile, C prime, D not a power of two
+
+
+def _data(b=B, c=C, d=D, seed=0, dtype=torch.float64, ignored=(3,)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (b,), generator=g)
+    for row in ignored:
+        y[row] = -100
+    return x.to(DEVICE, dtype), w.to(DEVICE, dtype), y.to(DEVICE)
+
+
+def _loss_and_grads(x, w, y, spec, backend, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, **kwargs)
+    # a non-uniform upstream gradient, so every row's gradient is checked on its own
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
+    (loss * weights.view_as(loss)).sum().backward()
+    return loss.detach(), x.grad, w.grad
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _assert_parity(x, w, y, spec, tol, **kwargs):
+    got = _loss_and_grads(x, w, y, spec, "triton", **kwargs)
+    ref = _loss_and_grads(x.double(), w.double(), y, spec, "torch", **kwargs)
+    for name, a, b in zip(("loss", "dX", "dW"), got, ref, strict=True):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < tol, f"{name}: relative error {_rel(a, b):.2e} >= {tol}"
+    return got
+
+
+# combined margins use a float32-accurate arccos polynomial, also in float64
+def _fp64_tol(spec):
+    return 1e-7 if spec.kind == "combined" else 1e-12
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("name", sorted(ALL_SPECS))
+def test_float64_parity_every_kind(name, deterministic):
+    spec = ALL_SPECS[name]
+    x, w, y = _data()
+    _assert_parity(x, w, y, spec, _fp64_tol(spec), reduction="none", deterministic=deterministic)
+
+
+@pytest.mark.parametrize(
+    "name", ["cosface", "arcface_exact_fallback", "sphereface_m4", "lsoftmax_m4"]
+)
+def test_noncontiguous_inputs(name):
+    x, w, y = _data(d=2 * D)
+    x_nc, w_nc = x[:, ::2], w.t().contiguous().t()[:, :D]  # strided rows, column-major weight
+    assert not x_nc.is_contiguous() and not w_nc.is_contiguous()
+    _assert_parity(x_nc, w_nc, y, ALL_SPECS[name], 1e-12)
+
+
+@pytest.mark.parametrize("name", ["cosface", "arcface_exact_fallback", "w_softmax", "lsoftmax_m2"])
+def test_partial_fc_class_ids(name):
+    spec = ALL_SPECS[name]
+    x, w, y = _data()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randperm(C, generator=g)[:13].sort().values.to(DEVICE)
+    got = _assert_parity(x, w, y, spec, 1e-12, class_ids=ids)
+    touched = torch.zeros(C, dtype=torch.bool, device=DEVICE)
+    touched[ids] = True
+    if spec.kind != "w_softmax":  # W-Softmax also reads W_0 for the ignored row (no target)
+        touched[y[y >= 0]] = True
+        assert (got[2][~touched] == 0).all(), "dW must be zero outside the sampled ids and targets"
+
+
+def test_empty_class_ids_leave_only_the_target():
+    x, w, y = _data(ignored=())
+    ids = torch.empty(0, dtype=torch.long, device=DEVICE)
+    loss, _, _ = _loss_and_grads(x, w, y, MarginSpec.cosface(8.0, 0.2), "triton", class_ids=ids)
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)  # LSE over nothing is -inf
+
+
+def test_saturated_softmax_s64_features_copied_into_weight():
+    x, w, y = _data(ignored=())
+    w[y] = x * 3.0  # c_iy = 1 exactly: the target dominates at s = 64
+    for spec in (MarginSpec.cosface(64.0, 0.35), MarginSpec.arcface(64.0, 0.5)):
+        _assert_parity(x, w, y, spec, 1e-11, reduction="none")
+        _assert_parity(x.float(), w.float(), y, spec, 2e-4, reduction="none")
+
+
+@pytest.mark.parametrize("overflow", ["fallback", "none", "easy"])
+@pytest.mark.parametrize("grad_mode", ["exact", "straight_through"])
+def test_arcface_at_cos_plus_minus_one_and_theta_plus_m_above_pi(overflow, grad_mode):
+    x, w, y = _data(ignored=())
+    w[y[:6]] = x[:6] * 2.0  # c = +1
+    w[y[6:12]] = -x[6:12]  # c = -1: theta + m > pi
+    other = (y[12] + 1) % C
+    w[other] = -x[12]  # a non-target at c = -1
+    spec = MarginSpec.arcface(16.0, 0.5, grad_mode=grad_mode, overflow=overflow)
+    # sin(theta) = sqrt(1 - c^2) turns a rounding-level difference in c = 1 - O(eps) into
+    # O(sqrt(eps)) ~ 1e-8: both sides are right to the conditioning of the formula
+    _assert_parity(x, w, y, spec, 1e-7, reduction="none")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_ignored_rows(reduction):
+    x, w, y = _data(ignored=(0, 5, 18))
+    _, dx, _ = _assert_parity(x, w, y, ALL_SPECS["arcface_exact_fallback"], 1e-12,
+                                 reduction=reduction)  # fmt: skip
+    assert (dx[[0, 5, 18]] == 0).all()
+
+
+def test_all_rows_ignored_and_empty_batch():
+    x, w, y = _data(ignored=range(B))
+    loss, dx, dw = _loss_and_grads(x, w, y, MarginSpec.cosface(), "triton")
+    assert loss.item() == 0.0 and (dx == 0).all() and (dw == 0).all()
+    x0, y0 = x[:0], y[:0]
+    loss, dx, dw = _loss_and_grads(x0, w, y0, MarginSpec.cosface(), "triton")
+    assert loss.item() == 0.0 and dx.shape == (0, D) and (dw == 0).all()
+
+
+def test_deterministic_gradients_are_bitwise_identical_and_match_the_atomic_path():
+    x, w, y = _data(dtype=torch.float32)
+    spec = MarginSpec.arcface(30.0, 0.5)
+    runs = [_loss_and_grads(x, w, y, spec, "triton", deterministic=True) for _ in range(2)]
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    fused = _loss_and_grads(x, w, y, spec, "triton", deterministic=False)
+    for a, b in zip(runs[0], fused, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_more_classes_than_a_grid_dimension(monkeypatch):
+    """C > 65536 (CUDA's limit on grid axes 1 and 2): column tiles sit on axis 0."""
+    big = tb._Blocks(16, 2048, 16, 16, 2048, 16, 16, 1, 1)
+    monkeypatch.setattr(tb, "_blocks", lambda dtype, family: big)
+    x, w, y = _data(b=5, c=65537 + 2048, d=8, ignored=())
+    y[0] = 65536 + 100  # a target beyond 2^16
+    _assert_parity(x, w, y, MarginSpec.cosface(30.0, 0.35), 1e-12, reduction="none")
+
+
+def _lowp_error(dtype, spec, deterministic=False):
+    """Our error in ``dtype`` and the reference's own error in ``dtype``, both vs float64."""
+    x, w, y = _data(dtype=torch.float64, seed=3)
+    exact = _loss_and_grads(x, w, y, spec, "torch", reduction="none")
+    xl, wl = x.to(dtype), w.to(dtype)
+    ours = _loss_and_grads(xl, wl, y, spec, "triton", reduction="none", deterministic=deterministic)
+    torch_lp = _loss_and_grads(xl, wl, y, spec, "torch", reduction="none")
+    return [(_rel(o, e), _rel(t, e)) for o, t, e in zip(ours, torch_lp, exact, strict=True)]
+
+
+LOWP_DTYPES = [torch.float32, torch.float16]
+if not tb.INTERPRET:  # the interpreter's bf16 arithmetic is unreliable; GPUs run bf16 natively
+    LOWP_DTYPES.append(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", LOWP_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "name", ["cosface", "arcface_exact_fallback", "sphereface_m4", "w_softmax", "lm_softmax"]
+)
+def test_low_precision_error_is_bounded_by_torchs_own(name, dtype):
+    for part, (ours, theirs) in zip(("loss", "dX", "dW"), _lowp_error(dtype, ALL_SPECS[name]),
+                                    strict=True):  # fmt: skip
+        floor = 1e-6 if dtype == torch.float32 else 2e-3
+        assert ours <= 2.0 * theirs + floor, f"{part}: {ours:.2e} vs torch's {theirs:.2e}"
+
+
+@pytest.mark.skipif(not tb.INTERPRET, reason="checks the interpreter's bf16 upcast switch")
+def test_bfloat16_runs_with_the_interpreter_upcast():
+    for part, (ours, theirs) in zip(("loss", "dX", "dW"),
+                                    _lowp_error(torch.bfloat16, MarginSpec.cosface(16.0, 0.3)),
+                                    strict=True):  # fmt: skip
+        assert ours <= 2.0 * theirs + 1e-2, f"{part}: {ours:.2e} vs torch's {theirs:.2e}"
+
+
+def test_autocast_casts_operands_and_the_loss_stays_float32():
+    x, w, y = _data(dtype=torch.float32)
+    spec = MarginSpec.cosface(16.0, 0.3)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        loss = mk.margin_cross_entropy(x, w, y, spec, backend="triton")
+    assert loss.dtype == torch.float32
+    ref = mk.margin_cross_entropy(x.half(), w.half(), y, spec, backend="torch")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_em_softmax_heads_match_the_reference():
+    x, w, y = _data()
+    heads = torch.stack([w, w.flip(0) * 0.5])
+    got = mk.em_softmax_loss(x, heads, y, m=0.2, hsic_weight=0.1, backend="triton")
+    ref = mk.em_softmax_loss(x, heads, y, m=0.2, hsic_weight=0.1, backend="torch")
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+def test_modules_run_on_the_triton_backend():
+    head = mk.nn.SphereFaceLoss(D, C, m=4, schedule=mk.nn.LambdaSchedule.sphereface(),
+                                backend="triton", dtype=torch.float64, device=DEVICE)  # fmt: skip
+    ref = mk.nn.SphereFaceLoss(D, C, m=4, schedule=mk.nn.LambdaSchedule.sphereface(),
+                               backend="torch", dtype=torch.float64, device=DEVICE)  # fmt: skip
+    ref.load_state_dict(head.state_dict())
+    x, _, y = _data()
+    for _ in range(2):
+        assert head(x, y).item() == pytest.approx(ref(x, y).item(), rel=1e-12)
+    assert head.iteration == 2
+
+
+def test_ops_pass_opcheck():
+    x, w, y = _data(b=7, c=11, d=8, ignored=())
+    for spec in (MarginSpec.arcface(16.0, 0.5), MarginSpec.w_softmax(1.5)):
+        kind_id, params = spec.kernel_args()
+        args = (x, w, y, None, kind_id, list(params), False)
+        torch.library.opcheck(torch.ops.margin_kernels.triton_lse_fwd, args)
+        neg_lse, _, stats, norms = torch.ops.margin_kernels.triton_lse_fwd(*args)
+        grads = (torch.ones_like(neg_lse), torch.ones_like(neg_lse))
+        bwd_args = (*grads, x, w, y, None, neg_lse, stats, norms, kind_id, list(params), True)
+        torch.library.opcheck(torch.ops.margin_kernels.triton_lse_bwd, bwd_args)
+
+
+def test_torch_compile_fullgraph_with_backward():
+    x, w, y = _data(dtype=torch.float32, ignored=())
+
+    def step(x, w, y):
+        return mk.arcface_loss(x, w, y, s=16.0, m=0.5, backend="triton")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    compiled(xa, wa, y).backward()
+    step(xb, wb, y).backward()
+    assert torch.allclose(xa.grad, xb.grad) and torch.allclose(wa.grad, wb.grad)
+
+
+def test_auto_picks_triton_for_cuda_tensors():
+    assert resolve("auto", torch.device("cuda"), MarginSpec.cosface())[0] == "triton"
+    assert resolve("auto", torch.device("cpu"), MarginSpec.cosface())[0] == "torch"
+
+
+def test_unavailable_reason_names_the_fix(monkeypatch):
+    monkeypatch.setattr(tb, "INTERPRET", False)
+    reason = tb.unavailable_reason(torch.device("cpu"), MarginSpec.cosface())
+    assert "TRITON_INTERPRET=1" in reason and "CUDA" in reason
+    monkeypatch.setattr(tb, "HAS_TRITON", False)
+    assert "pip install triton" in tb.unavailable_reason(torch.device("cuda"), MarginSpec.cosface())
+
+
+def test_psi_thresholds_and_acos_polynomial():
+    assert tb._psi_thresholds(0, 4) == pytest.approx(
+        (math.cos(math.pi / 4), 0.0, math.cos(3 * math.pi / 4)), abs=1e-15
+    )
+    # the combined margin's arccos: its value through the kernel at c across [-1, 1]
+    c = torch.linspace(-1, 1, 41, dtype=torch.float64)
+    x = torch.stack([c, (1 - c * c).clamp_min(0).sqrt()], dim=1).to(DEVICE)
+    w = torch.tensor([[1.0, 0.0]], dtype=torch.float64, device=DEVICE)
+    spec = MarginSpec.combined(1.0, 1.0, 0.0, 0.0)
+    _, t = tb.lse_parts(x, w, torch.zeros(41, dtype=torch.long, device=DEVICE), spec)
+    assert torch.allclose(t.cpu(), c, atol=2e-7)
