@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from ..spec import NORM_EPS, MarginSpec
+from ..spec import KIND_IDS, NORM_EPS, MarginSpec
 
 try:  # torch is imported first: the extension links against it.
     from .. import _C  # noqa: F401  (registers torch.ops.margin_kernels.*)
@@ -134,7 +134,7 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         wy_norm = torch.linalg.vector_norm(w_y, dim=-1, dtype=compute).clamp_min(NORM_EPS)
         # c_y = x_i . W_y / (||x_i|| ||W_y||), in the compute dtype (O(B D))
         c_y = (x.to(compute) * w_y.to(compute)).sum(-1) / (x_norm * wy_norm)
-        weighted = kind == MarginSpec.w_softmax().kernel_args()[0]
+        weighted = kind == KIND_IDS["w_softmax"]
         neg_lse_parts, target_parts = [], []
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, min(start + chunk_rows, x.shape[0]))
@@ -178,13 +178,12 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         x_norm, x_dir = _norm_and_direction(x.to(compute))
         col_norm, col_dir = _norm_and_direction(cols.to(compute))
         wy_norm, wy_dir = _norm_and_direction(w_y.to(compute))
-        weighted = kind == MarginSpec.w_softmax().kernel_args()[0]
-        normalizes_weight = kind not in (
-            MarginSpec.lsoftmax().kernel_args()[0],
-            MarginSpec.soft_margin().kernel_args()[0],
-        )
+        weighted = kind == KIND_IDS["w_softmax"]
+        # lsoftmax and soft_margin read raw W_j . x: no ||W_j|| term
+        normalizes_weight = kind not in (KIND_IDS["lsoftmax"], KIND_IDS["soft_margin"])
         # H_j = sum_i dL/dz_ij x_i (+ sum_i dL/dh_ij W_{y_i}), accumulated over the chunks
         grad_cols = torch.zeros(cols.shape, dtype=compute, device=x.device)
+        same_dtype = x.dtype == compute
         grad_x_parts, grad_wy_parts = [], []
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, min(start + chunk_rows, x.shape[0]))
@@ -216,27 +215,27 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             # the target row's W_y: via c_y, ||W_y|| and (W-Softmax) the gram
             grad_wy = d_ctarget[:, None] * (xf / (xn * wyn) - cy * wy_dir[rows] / wyn)
             grad_wy += d_tnorm[:, None] * wy_dir[rows]
-            grad_cols += torch.mm(logits.T, x[rows]).to(compute)
+            _accumulate_mm(grad_cols, logits.T, x[rows], same_dtype)
             if weighted:
                 k = torch.mm(gram, cols).to(compute)
                 grad_wy += k - (wyf * k).sum(-1, keepdim=True) / wyn * wy_dir[rows]
-                grad_cols += torch.mm(gram.T, w_y[rows]).to(compute)
+                _accumulate_mm(grad_cols, gram.T, w_y[rows], same_dtype)
             grad_x_parts.append(grad_x)
             grad_wy_parts.append(grad_wy)
         if normalizes_weight:
             # d||W_j|| term at fixed dots: -(W_j . H_j) / ||W_j||, along d||W_j||/dW_j
             radial = (cols.to(compute) * grad_cols).sum(-1, keepdim=True) / col_norm[:, None]
             grad_cols -= radial * col_dir
-        grad_weight = torch.zeros(weight.shape, dtype=compute, device=x.device)
+        if class_ids is None:
+            grad_weight = grad_cols
+        else:
+            grad_weight = torch.zeros(weight.shape, dtype=compute, device=x.device)
+            _accumulate_rows(grad_weight, class_ids, grad_cols, deterministic)
         if grad_x_parts:
             grad_input = torch.cat(grad_x_parts)
             _accumulate_rows(grad_weight, safe_target, torch.cat(grad_wy_parts), deterministic)
         else:
             grad_input = torch.zeros(x.shape, dtype=compute, device=x.device)
-        if class_ids is None:
-            grad_weight += grad_cols
-        else:
-            _accumulate_rows(grad_weight, class_ids, grad_cols, deterministic)
         return (
             grad_input.to(x.dtype),
             grad_weight.to(weight.dtype),
@@ -247,6 +246,15 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, same_dtype: bool) -> None:
+    """out += a @ b; in place through cuBLAS when the storage dtype is the compute dtype, else
+    through one product in the storage dtype (out is float32 for float16/bfloat16 storage)."""
+    if same_dtype:
+        out.addmm_(a, b)
+    else:
+        out += torch.mm(a, b).to(out.dtype)
 
 
 def _accumulate_rows(
