@@ -39,7 +39,7 @@ try:  # torch is imported first: the extension links against it.
 
     HAS_CUDA_EXT = True
     _EXT_IMPORT_ERROR: str | None = None
-except ImportError as exc:
+except (ImportError, OSError, RuntimeError) as exc:  # not built, unloadable, or ABI mismatch
     HAS_CUDA_EXT = False
     _EXT_IMPORT_ERROR = str(exc)
 
