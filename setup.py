@@ -4,8 +4,8 @@
 Environment knobs (all optional):
     MARGIN_KERNELS_SKIP_CUDA_BUILD=1   never build the extension (pure-Python install).
     MARGIN_KERNELS_FORCE_CUDA_BUILD=1  build it or fail loudly (instead of skipping quietly).
-    MARGIN_KERNELS_CUDA_ARCHS="9.0"    compute capabilities to build for (default: the visible
-                                       GPU's, or 9.0 when no GPU is visible).
+    MARGIN_KERNELS_CUDA_ARCHS="9.0"    compute capabilities to build for (default:
+                                       TORCH_CUDA_ARCH_LIST, else the visible GPU's, else 9.0).
     MAX_JOBS=N                         parallel compile jobs (read by torch's ninja build).
 
 The .cpp sources (op schemas, the CPU twin of the epilogues, Meta kernels) go through the host
