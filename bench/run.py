@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python bench/run.py                      # full sweep on the visible GPU
-    python bench/run.py --providers triton torch cublas-gemm --losses arcface --classes 1000000
+    python bench/run.py --providers triton torch gemm --losses arcface --classes 1000000
     TRITON_INTERPRET=1 python bench/run.py --smoke   # tiny CPU sweep (what CI runs)
 
 Every measured (provider, case) appends one row to ``<out>/<device-slug>.csv`` (columns in
@@ -98,7 +98,7 @@ LOSSES = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 MODES = ("fwd", "fwd+bwd")
-GEMM_PROVIDER = "cublas-gemm"
+GEMM_PROVIDER = "gemm"
 
 FULL_SWEEP = {
     "batch": (128, 1024, 4096),
@@ -996,4 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as exc:  # bad command line: the message, not a traceback
+        sys.exit(f"error: {exc}")
