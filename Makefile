@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.14.1
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: test demo data lint format install clean
+.PHONY: test demo data lint format install clean bench bench-smoke bench-wheels
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,19 @@ data: install
 # make demo DEMO_ARGS="--full" for the longer protocol; see python -m margin_kernels.demo --help.
 demo: install data
 	$(PY) -m margin_kernels.demo $(DEMO_ARGS)
+
+# Benchmarks (bench/README.md). No install step: on a GPU machine without network run them with
+# its own Python, e.g. make bench BENCH_PYTHON=python3 BENCH_ARGS="--losses arcface".
+BENCH_PYTHON ?= $(PY)
+bench:
+	$(BENCH_PYTHON) bench/run.py $(BENCH_ARGS)
+
+bench-smoke:
+	TRITON_INTERPRET=1 $(BENCH_PYTHON) bench/run.py --smoke $(BENCH_ARGS)
+
+# Pure-Python wheels of the benchmark's peers into .whl/, to carry to a GPU machine offline.
+bench-wheels:
+	$(BENCH_PYTHON) bench/wheels.py --dest .whl
 
 clean:
 	rm -rf build dist *.egg-info margin_kernels/*.so $(VENV)
