@@ -166,9 +166,6 @@ class Inputs:
     def num_sampled(self) -> int:
         return self.weight.shape[0] if self.class_ids is None else self.class_ids.shape[0]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.x, self.weight, self.target))
-
 
 def sample_class_ids(
     target: torch.Tensor, num_classes: int, rate: float, generator: torch.Generator
@@ -227,7 +224,9 @@ class Provider:
     description: str = ""
 
 
-def _loss_step(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward: bool):
+def _loss_step(
+    loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward: bool
+) -> tuple[Step, list[torch.Tensor]]:
     def step() -> torch.Tensor:
         # Clearing grads inside the step too: do_bench's warm-up runs would accumulate them.
         for leaf in leaves:
@@ -261,7 +260,7 @@ def _margin_backend_provider(backend: str) -> Provider:
 
     def factory(case: Case) -> tuple[Builder, str]:
         notes = ""
-        if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        if backend == "triton" and _interpreted():
             notes = "TRITON_INTERPRET=1"
 
         def build(inputs: Inputs):
@@ -384,6 +383,16 @@ def _needs_cuda(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "it needs a CUDA device"
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _needs_cuda_or_interpreter(device: torch.device) -> str | None:
+    if device.type == "cuda" or _interpreted():
+        return None
+    return "it needs a CUDA device (or TRITON_INTERPRET=1 on CPU)"
+
+
 def _cce_provider(filtering: bool) -> Provider:
     name = "cce-filter" if filtering else "cce"
 
@@ -425,7 +434,7 @@ def _liger_provider() -> Provider:
     def unavailable(case: Case, device: torch.device) -> str | None:
         return (
             _import_error("liger_kernel.transformers.functional", "liger-kernel")
-            or _needs_cuda(device)
+            or _needs_cuda_or_interpreter(device)
             or _full_classes_only(case)
         )
 
@@ -439,7 +448,10 @@ def _liger_provider() -> Provider:
             return _loss_step(loss_fn, [inputs.x, inputs.weight], case.backward)
 
         # Liger computes the gradients inside its forward when inputs require grad.
-        return build, "gradients computed in the forward"
+        notes = "gradients computed in the forward"
+        if _interpreted():
+            notes += "; TRITON_INTERPRET=1"
+        return build, notes
 
     return Provider(
         "liger",
