@@ -311,3 +311,26 @@ def test_wheel_check_tells_pure_from_compiled(tmp_path):
     assert "platform" in wheels.impure_reason(make("pkg-1.0-cp312-cp312-manylinux_x86_64.whl"))
     assert "Purelib" in wheels.impure_reason(make("pkg-1.0-py3-none-any.whl", purelib=False))
     assert "compiled" in wheels.impure_reason(make("pkg-1.0-py3-none-any.whl", extra=["a.so"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_sweep_times_with_do_bench_and_measures_memory(run, tmp_path):
+    argv = ["--device", "cuda", "--out", str(tmp_path), "--providers", "torch,gemm,triton,cuda"]
+    argv += ["--losses", "arcface", "--dtypes", "bf16", "--modes", "fwd+bwd", "--batch", "128"]
+    argv += ["--classes", "10000", "--dim", "64", "--warmup-ms", "5", "--rep-ms", "20"]
+    assert run.main(argv) == 0
+    (path,) = tmp_path.glob("*.csv")
+    header, rows = _read(path)
+    assert header == EXPECTED_COLUMNS
+    by_provider = {(r["provider"], r["sample_rate"]): r for r in rows}
+    for rate in ("1", "0.1"):
+        for provider in ("torch", "gemm"):
+            row = by_provider[(provider, rate)]
+            assert row["status"] == "ok", row["notes"]
+            assert row["timer"] == "triton.do_bench"
+            assert float(row["peak_extra_mb"]) > 0 and float(row["time_ms"]) > 0
+    for (provider, _), row in by_provider.items():
+        if provider != "gemm" and row["status"] == "ok":
+            reference = by_provider[("torch", row["sample_rate"])]["loss_value"]
+            assert float(row["loss_value"]) == pytest.approx(float(reference), rel=2e-2)
