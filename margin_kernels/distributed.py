@@ -83,9 +83,10 @@ def _all_gather_flat(local: torch.Tensor, world_size: int, group) -> torch.Tenso
     return output
 
 
-def _reduce_scatter_flat(output: torch.Tensor, stacked: torch.Tensor, group) -> None:
+def _reduce_scatter_flat(output: torch.Tensor, concatenated: torch.Tensor, group) -> None:
+    """Sum over ranks of (world * n, ...) blocks; rank r receives the sum of block r."""
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    scatter(output, stacked, group=group)
+    scatter(output, concatenated, group=group)
 
 
 def _gather_rows_padded(
@@ -193,7 +194,7 @@ class ClassParallelMarginLoss(nn.Module):
         num_classes: int,
         margin: MarginSpec,
         *,
-        process_group=None,
+        process_group: torch.distributed.ProcessGroup | None = None,
         sample_rate: float = 1.0,
         seed: int = 0,
         reduction: str = "mean",
