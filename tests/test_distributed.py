@@ -272,6 +272,13 @@ def _check_errors_on_every_rank(rank, world):
     )
     _expect_error(
         ValueError,
+        "cannot be class-parallel",
+        lambda: setattr(head, "margin", MarginSpec.w_softmax()),
+    )
+    head.margin = KINDS["arcface"]  # reassigning a shardable margin (e.g. annealing) is fine
+    assert head.margin.kind == "arcface"
+    _expect_error(
+        ValueError,
         "sample_rate must lie in (0, 1]",
         lambda: _head(num_classes, dim, KINDS["cosface"], sample_rate=0.0),
     )
