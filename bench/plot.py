@@ -134,6 +134,8 @@ def plot(rows: list[dict[str, str]], out_dir: Path) -> list[Path]:
             continue
         for metric in ("time", "memory"):
             column, label, _ = METRICS[metric]
+            cpu_memory = metric == "memory" and device.startswith("cpu")
+            empty_text = "not measured on CPU" if cpu_memory else "no data"
             fig, axes = plt.subplots(
                 len(losses),
                 len(columns),
@@ -161,7 +163,7 @@ def plot(rows: list[dict[str, str]], out_dir: Path) -> list[Path]:
                         ax.text(
                             0.5,
                             0.5,
-                            "no data",
+                            empty_text,
                             ha="center",
                             va="center",
                             transform=ax.transAxes,
