@@ -47,7 +47,7 @@ try:
     import triton.testing
 
     HAS_TRITON = True
-except ImportError:  # CUDA timing falls back to CUDA events
+except ImportError:  # CUDA timing falls back to perf_counter around synchronised steps
     HAS_TRITON = False
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -683,7 +683,7 @@ def slug(text: str) -> str:
 def _git_rev() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
