@@ -160,8 +160,8 @@ def test_deterministic_gradients_are_bitwise_identical_and_match_the_atomic_path
 
 def test_more_classes_than_a_grid_dimension(monkeypatch):
     """C > 65536 (CUDA's limit on grid axes 1 and 2): column tiles sit on axis 0."""
-    big = tb._Blocks(16, 2048, 16, 16, 2048, 16, 16, 1, 1)
-    monkeypatch.setattr(tb, "_blocks", lambda dtype, family: big)
+    wide = tb._Tile(16, 2048, 16, 1, 1, out=16)
+    monkeypatch.setattr(tb, "_tiles", lambda dtype, family, precision: tb._Tiles(wide, wide, wide))
     x, w, y = _data(b=5, c=65537 + 2048, d=8, ignored=())
     y[0] = 65536 + 100  # a target beyond 2^16
     _assert_parity(x, w, y, MarginSpec.cosface(30.0, 0.35), 1e-12, reduction="none")

@@ -651,32 +651,58 @@ if HAS_TRITON:
 
 
 @dataclass(frozen=True)
-class _Blocks:
-    """Tile shapes of one launch. GPU defaults: 128x128 output tiles with 64-wide K slices and 8
-    warps keep the fp32 accumulator at 64 registers per thread (two accumulators for W-Softmax,
-    hence its 64-row tiles); the backward's 64x128 tile leaves room for the dd tile plus a
-    64-wide slice of the second GEMM. The interpreter uses 16-wide tiles so that small test
-    shapes still cross several tiles, splits and K slices."""
+class _Tile:
+    """Tile of one kernel launch: rows x columns x K slice (and, for the deterministic backward,
+    the feature slice each program owns), warps and software-pipeline stages."""
 
-    fwd_b: int
-    fwd_c: int
-    fwd_d: int
-    bwd_b: int
-    bwd_c: int
-    bwd_d: int
-    out_d: int
-    num_warps: int
-    num_stages: int
+    b: int
+    c: int
+    d: int
+    warps: int
+    stages: int
+    out: int = 0
+
+    def launch(self) -> dict:
+        return dict(BLOCK_B=self.b, BLOCK_C=self.c, BLOCK_D=self.d,
+                    num_warps=self.warps, num_stages=self.stages)  # fmt: skip
 
 
-def _blocks(dtype: torch.dtype, family: int) -> _Blocks:
+@dataclass(frozen=True)
+class _Tiles:
+    fwd: _Tile
+    bwd: _Tile  # the fused (atomic) backward
+    det: _Tile  # the deterministic row and column kernels
+
+
+def _tiles(dtype: torch.dtype, family: int, precision: str) -> _Tiles:
+    """Tile shapes per dtype and logit family: the largest shapes whose sm_90 build has no
+    register spills (tests/triton_aot.py compiles each one and checks; the numbers are in
+    docs/triton_aot.md). 16-bit inputs run on tensor cores with fp32 accumulators; W-Softmax
+    carries a second accumulator (e = W_y . W_j), hence its narrower tiles. fp32 with
+    precision "ieee" (torch's default, TF32 off) and fp64 take the FMA path, which holds both
+    operand slices in registers, hence 16-deep K slices. The interpreter uses 16-wide tiles so
+    that small test shapes still cross several row tiles, column tiles, splits and K slices."""
     if INTERPRET:
-        return _Blocks(16, 16, 16, 16, 16, 16, 16, 1, 1)
-    if dtype == torch.float64:
-        return _Blocks(32, 64, 32, 32, 64, 32, 64, 4, 2)
-    if family == NT_W:
-        return _Blocks(64, 128, 64, 64, 64, 64, 64, 8, 3)
-    return _Blocks(128, 128, 64, 64, 128, 64, 128, 8, 3)
+        tile = _Tile(16, 16, 16, 1, 1, out=16)
+        return _Tiles(tile, tile, tile)
+    wide = family == NT_W
+    if dtype in (torch.float16, torch.bfloat16):
+        if wide:
+            return _Tiles(_Tile(32, 128, 64, 8, 3), _Tile(32, 64, 32, 8, 2),
+                          _Tile(32, 64, 32, 8, 2, out=64))  # fmt: skip
+        return _Tiles(_Tile(64, 128, 64, 8, 3), _Tile(64, 128, 32, 8, 2),
+                      _Tile(64, 64, 64, 8, 2, out=128))  # fmt: skip
+    if dtype == torch.float32:
+        if wide:
+            det = _Tile(32, 64 if precision == "tf32" else 32, 16, 8, 2, out=32)
+            return _Tiles(_Tile(32, 64, 16, 8, 2), _Tile(32, 64, 16, 8, 2), det)
+        return _Tiles(_Tile(32, 64, 16, 4, 2), _Tile(32, 64, 16, 4, 2),
+                      _Tile(32, 32, 16, 4, 2, out=32))  # fmt: skip
+    if wide:
+        tile = _Tile(16, 32, 16, 4, 2, out=16)
+        return _Tiles(tile, tile, tile)
+    return _Tiles(_Tile(32, 32, 16, 4, 2), _Tile(32, 32, 16, 4, 2),
+                  _Tile(32, 32, 16, 4, 2, out=32))  # fmt: skip
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -734,7 +760,7 @@ def _forward(x, weight, target, class_ids, kind_id, params):
     family = _NONTARGET_FAMILY[kind]
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     acc = _acc_dtype(x.dtype)
-    blk = _blocks(x.dtype, family)
+    fwd = _tiles(x.dtype, family, _precision(x.dtype)).fwd
     sc = _scalar_args(params)
     # labels outside this weight's classes (ignored, or another shard's) have no target
     y = torch.where((target >= 0) & (target < num_classes), target, -1).contiguous()
@@ -756,11 +782,11 @@ def _forward(x, weight, target, class_ids, kind_id, params):
         GRAD_MODE=int(params[11]), OVERFLOW=int(params[12]), ACC=acc,
         BLOCK_B=tb, BLOCK_D=td,
     )  # fmt: skip
-    row_blocks = triton.cdiv(batch, blk.fwd_b)
-    col_tiles = max(triton.cdiv(n_cols, blk.fwd_c), 1)
+    row_blocks = triton.cdiv(batch, fwd.b)
+    col_tiles = max(triton.cdiv(n_cols, fwd.c), 1)
     # split C so that the grid has ~4 programs per SM; each split owns whole column tiles
     splits = max(1, min(col_tiles, triton.cdiv(4 * _num_sms(x.device), row_blocks)))
-    cols_per_split = triton.cdiv(col_tiles, splits) * blk.fwd_c
+    cols_per_split = triton.cdiv(col_tiles, splits) * fwd.c
     splits = max(1, triton.cdiv(n_cols, cols_per_split))
     part_m = torch.empty(splits, batch, device=x.device, dtype=acc_t)
     part_s = torch.empty_like(part_m)
@@ -770,8 +796,7 @@ def _forward(x, weight, target, class_ids, kind_id, params):
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         sc["s"], sc["marg"], sc["lambda_n"], sc["alpha"],
         NT=family, HAS_IDS=ids is not None, ACC=acc, UPCAST=_upcast(x.dtype),
-        PRECISION=_precision(x.dtype), BLOCK_B=blk.fwd_b, BLOCK_C=blk.fwd_c, BLOCK_D=blk.fwd_d,
-        num_warps=blk.num_warps, num_stages=blk.num_stages,
+        PRECISION=_precision(x.dtype), **fwd.launch(),
     )  # fmt: skip
     # deterministic merge of the splits: LSE = M + log sum_k s_k exp(m_k - M)
     top = part_m.max(dim=0).values
@@ -787,7 +812,7 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
     family = _NONTARGET_FAMILY[_KIND_NAMES[kind_id]]
     acc_t = row_stats.dtype
     acc = _acc_dtype(x.dtype)
-    blk = _blocks(x.dtype, family)
+    tiles = _tiles(x.dtype, family, _precision(x.dtype))
     sc = _scalar_args(params)
     y = torch.where((target >= 0) & (target < num_classes), target, -1).contiguous()
     ids = class_ids.contiguous() if class_ids is not None else None
@@ -802,8 +827,7 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
     col_sc = torch.zeros(n_cols, device=x.device, dtype=acc_t)  # dL/dnw
     common = dict(
         NT=family, HAS_IDS=ids is not None, ACC=acc, UPCAST=_upcast(x.dtype),
-        PRECISION=_precision(x.dtype), BLOCK_B=blk.bwd_b, BLOCK_C=blk.bwd_c, BLOCK_D=blk.bwd_d,
-        num_warps=blk.num_warps, num_stages=blk.num_stages,
+        PRECISION=_precision(x.dtype),
     )  # fmt: skip
     head = (x, weight, y, ids if ids is not None else y, nx, nw, cy, ny, neg_lse, grad_lse)
     tail = (
@@ -812,15 +836,17 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
     )  # fmt: skip
     if n_cols and batch:
         if deterministic:
-            _bwd_rows_kernel[(triton.cdiv(batch, blk.bwd_b), triton.cdiv(dim, blk.out_d))](
-                *head, dx, dwy, row_sc, *tail, BLOCK_OUT=blk.out_d, **common
+            det = tiles.det
+            _bwd_rows_kernel[(triton.cdiv(batch, det.b), triton.cdiv(dim, det.out))](
+                *head, dx, dwy, row_sc, *tail, BLOCK_OUT=det.out, **common, **det.launch()
             )
-            _bwd_cols_kernel[(triton.cdiv(n_cols, blk.bwd_c), triton.cdiv(dim, blk.out_d))](
-                *head, dw_cols, col_sc, *tail, BLOCK_OUT=blk.out_d, **common
+            _bwd_cols_kernel[(triton.cdiv(n_cols, det.c), triton.cdiv(dim, det.out))](
+                *head, dw_cols, col_sc, *tail, BLOCK_OUT=det.out, **common, **det.launch()
             )
         else:
-            _bwd_fused_kernel[(triton.cdiv(n_cols, blk.bwd_c), triton.cdiv(batch, blk.bwd_b))](
-                *head, dx, dw_cols, dwy, row_sc, col_sc, *tail, **common
+            bwd = tiles.bwd
+            _bwd_fused_kernel[(triton.cdiv(n_cols, bwd.c), triton.cdiv(batch, bwd.b))](
+                *head, dx, dw_cols, dwy, row_sc, col_sc, *tail, **common, **bwd.launch()
             )
         # column-norm term: dW_j += (dL/dnw_j / nw_j) W_j
         if family != NT_RAW:
