@@ -260,6 +260,12 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
+def batch_starts(rows: int, batch_size: int) -> range:
+    """First row of each training batch; a last batch of one row is dropped (BatchNorm cannot
+    train on a single row)."""
+    return range(0, rows - 1 if rows % batch_size == 1 else rows, batch_size)
+
+
 def train_epoch(
     model: nn.Module,
     head: nn.Module,
@@ -277,7 +283,7 @@ def train_epoch(
     order = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(order_seed))
     order = order.to(images.device)
     total = torch.zeros((), device=images.device)
-    steps = range(0, labels.numel(), batch_size)
+    steps = batch_starts(labels.numel(), batch_size)
     for start in _progress(steps, desc=description, leave=False, unit="batch"):
         rows = order[start : start + batch_size]
         loss = head(model(images[rows]), labels[rows])
@@ -340,7 +346,9 @@ def train_and_evaluate(
 ) -> LossResult:
     """Train ``SmallCNN`` + the ``loss`` head under ``config`` (resuming from
     ``checkpoint_dir/<run>-<loss>.pt`` if it matches), then evaluate on the test split."""
-    steps_per_epoch = math.ceil(data.train_labels.numel() / config.batch_size)
+    steps_per_epoch = len(batch_starts(data.train_labels.numel(), config.batch_size))
+    if steps_per_epoch == 0:
+        raise ValueError(f"training needs at least 2 images, got {data.train_labels.numel()}")
     torch.manual_seed(seed)
     model = SmallCNN(config.embedding_dim, data.image_size, config.width).to(device)
     head = make_head(

@@ -126,6 +126,12 @@ def test_balanced_subset():
     assert torch.equal(sub.train_labels, ds.subset(20, None, seed=3).train_labels)
 
 
+def test_batches_never_leave_one_row_for_batchnorm():
+    assert list(demo.batch_starts(300, 256)) == [0, 256]
+    assert list(demo.batch_starts(257, 256)) == [0]  # the 257th row would be a batch of one
+    assert list(demo.batch_starts(512, 256)) == [0, 256]
+
+
 def test_compressed_schedule_reaches_working_point_halfway():
     for recipe in (mknn.LambdaSchedule.sphereface(), mknn.LambdaSchedule.lsoftmax_mnist()):
         fast = demo.compressed_schedule(recipe, total_steps=200)
