@@ -650,6 +650,12 @@ if HAS_TRITON:
 # ------------------------------------------------------------------------------------------------
 
 
+# Every launch states the full per-thread register budget. Left to itself, ptxas 13 (as Triton
+# drives it) caps some of these kernels at 96-128 registers to raise occupancy and spills to
+# local memory instead; the tiles below are sized to fit in 255 without spilling.
+MAX_REGISTERS = 255
+
+
 @dataclass(frozen=True)
 class _Tile:
     """Tile of one kernel launch: rows x columns x K slice (and, for the deterministic backward,
@@ -663,8 +669,8 @@ class _Tile:
     out: int = 0
 
     def launch(self) -> dict:
-        return dict(BLOCK_B=self.b, BLOCK_C=self.c, BLOCK_D=self.d,
-                    num_warps=self.warps, num_stages=self.stages)  # fmt: skip
+        return dict(BLOCK_B=self.b, BLOCK_C=self.c, BLOCK_D=self.d, num_warps=self.warps,
+                    num_stages=self.stages, maxnreg=MAX_REGISTERS)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -690,8 +696,8 @@ def _tiles(dtype: torch.dtype, family: int, precision: str) -> _Tiles:
         if wide:
             return _Tiles(_Tile(32, 128, 64, 8, 3), _Tile(32, 64, 32, 8, 2),
                           _Tile(32, 64, 32, 8, 2, out=64))  # fmt: skip
-        return _Tiles(_Tile(64, 128, 64, 8, 3), _Tile(64, 128, 32, 8, 2),
-                      _Tile(64, 64, 64, 8, 2, out=128))  # fmt: skip
+        return _Tiles(_Tile(64, 128, 64, 8, 3), _Tile(64, 64, 64, 8, 2),
+                      _Tile(64, 64, 32, 8, 2, out=128))  # fmt: skip
     if dtype == torch.float32:
         if wide:
             det = _Tile(32, 64 if precision == "tf32" else 32, 16, 8, 2, out=32)
@@ -702,7 +708,7 @@ def _tiles(dtype: torch.dtype, family: int, precision: str) -> _Tiles:
         tile = _Tile(16, 32, 16, 4, 2, out=16)
         return _Tiles(tile, tile, tile)
     return _Tiles(_Tile(32, 32, 16, 4, 2), _Tile(32, 32, 16, 4, 2),
-                  _Tile(32, 32, 16, 4, 2, out=32))  # fmt: skip
+                  _Tile(32, 16, 16, 4, 2, out=16))  # fmt: skip
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -726,14 +732,27 @@ def _num_sms(device: torch.device) -> int:
     return 2  # interpreter: two splits, so that the merge is exercised
 
 
+def _row_tile(dtype: torch.dtype) -> tuple[int, int]:
+    """(rows, K slice) of the row-wise kernels (norms, target logits, dW's norm term), launched
+    with ``_ROW_LAUNCH``: spill-free on sm_90 (fp64 needs the narrower tile for the combined
+    margin's arccos)."""
+    if INTERPRET:
+        return 256, 16
+    return (8, 64) if dtype == torch.float64 else (16, 64)
+
+
+_ROW_LAUNCH = dict(num_warps=4, maxnreg=MAX_REGISTERS)
+
+
 def _row_norms(src: torch.Tensor, ids: torch.Tensor | None, acc_dtype: torch.dtype):
     n_rows = src.shape[0] if ids is None else ids.shape[0]
     out = torch.empty(n_rows, device=src.device, dtype=acc_dtype)
-    block_r, block_d = (256, 16) if INTERPRET else (32, 128)
+    block_r, block_d = _row_tile(src.dtype)
     _row_norm_kernel[(triton.cdiv(n_rows, block_r),)](
         src, ids if ids is not None else src, out, n_rows, src.shape[1],
         src.stride(0), src.stride(1),
         HAS_IDS=ids is not None, ACC=_acc_dtype(src.dtype), BLOCK_R=block_r, BLOCK_D=block_d,
+        **_ROW_LAUNCH,
     )  # fmt: skip
     return out
 
@@ -772,7 +791,7 @@ def _forward(x, weight, target, class_ids, kind_id, params):
     if batch == 0:
         return row_stats[0].clone(), row_stats[1].clone(), row_stats, nw
     th1, th2, th3 = _psi_thresholds(kind_id, sc["marg"])
-    tb, td = (16, 16) if INTERPRET else (16, 128)
+    tb, td = _row_tile(x.dtype)
     _target_kernel[(triton.cdiv(batch, tb),)](
         x, weight, y, nx, row_stats, batch, dim,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -780,7 +799,7 @@ def _forward(x, weight, target, class_ids, kind_id, params):
         sc["cos_m"], sc["sin_m"], th1, th2, th3,
         KIND=kind_id, PSI_M=int(sc["marg"]) if kind in ("lsoftmax", "sphereface") else 1,
         GRAD_MODE=int(params[11]), OVERFLOW=int(params[12]), ACC=acc,
-        BLOCK_B=tb, BLOCK_D=td,
+        BLOCK_B=tb, BLOCK_D=td, **_ROW_LAUNCH,
     )  # fmt: skip
     row_blocks = triton.cdiv(batch, fwd.b)
     col_tiles = max(triton.cdiv(n_cols, fwd.c), 1)
@@ -850,11 +869,11 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
             )
         # column-norm term: dW_j += (dL/dnw_j / nw_j) W_j
         if family != NT_RAW:
-            block_r, block_d = (256, 16) if INTERPRET else (32, 128)
+            block_r, block_d = _row_tile(weight.dtype)
             _add_scaled_rows_kernel[(triton.cdiv(n_cols, block_r),)](
                 dw_cols, weight, ids if ids is not None else y, col_sc / nw, n_cols, dim,
                 weight.stride(0), weight.stride(1),
-                HAS_IDS=ids is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+                HAS_IDS=ids is not None, BLOCK_R=block_r, BLOCK_D=block_d, **_ROW_LAUNCH,
             )  # fmt: skip
     # Row terms, O(B D): the target logit and W-Softmax's c_y, ny enter through the target dot
     # d_y = x . W_y and the norms nx, ny. With r = dL/dc_y and c_y = d_y / (nx ny):
