@@ -701,7 +701,7 @@ def _tiles(dtype: torch.dtype, family: int, precision: str) -> _Tiles:
     if dtype == torch.float32:
         if wide:
             det = _Tile(32, 64 if precision == "tf32" else 32, 16, 8, 2, out=32)
-            return _Tiles(_Tile(32, 64, 16, 8, 2), _Tile(32, 64, 16, 8, 2), det)
+            return _Tiles(_Tile(32, 32, 16, 8, 2), _Tile(32, 64, 16, 8, 2), det)
         return _Tiles(_Tile(32, 64, 16, 4, 2), _Tile(32, 64, 16, 4, 2),
                       _Tile(32, 32, 16, 4, 2, out=32))  # fmt: skip
     if wide:
