@@ -451,6 +451,11 @@ if HAS_TRITON:
         )  # fmt: skip
 
     @triton.jit
+    def _accumulate(ptr, value, mask):
+        # relaxed ordering: a pure sum that nothing reads before the kernel ends
+        tl.atomic_add(ptr, value, mask=mask, sem="relaxed")
+
+    @triton.jit
     def _bwd_fused_kernel(
         X, W, Y, IDS, NX, NW, CY, NY, LSE, GLSE, DX, DW, DWY, ROWSC, COLSC,
         B, S, D, stride_xb, stride_xd, stride_wc, stride_wd, s, marg, lambda_n, alpha,
@@ -472,11 +477,11 @@ if HAS_TRITON:
         )  # fmt: skip
         cols64 = cols.to(tl.int64)
         if NT != 0:
-            tl.atomic_add(ROWSC + rows64, r_nx, mask=row_mask)
-            tl.atomic_add(COLSC + cols64, c_nw, mask=col_mask)
+            _accumulate(ROWSC + rows64, r_nx, mask=row_mask)
+            _accumulate(COLSC + cols64, c_nw, mask=col_mask)
         if NT == 4:
-            tl.atomic_add(ROWSC + B + rows64, r_cy, mask=row_mask)
-            tl.atomic_add(ROWSC + 2 * B + rows64, r_ny, mask=row_mask)
+            _accumulate(ROWSC + B + rows64, r_cy, mask=row_mask)
+            _accumulate(ROWSC + 2 * B + rows64, r_ny, mask=row_mask)
         # second-GEMM operands in the storage dtype (tensor cores), accumulated in ACC
         dd_op = dd.to(X.dtype.element_ty)
         de_op = de.to(X.dtype.element_ty)
@@ -496,7 +501,7 @@ if HAS_TRITON:
             # dX_i += sum_j dd_ij W_j ;  dW_j += sum_i dd_ij x_i
             dx = tl.dot(dd_op, wt, input_precision=PRECISION, out_dtype=ACC)
             dw = tl.dot(tl.trans(dd_op), xt, input_precision=PRECISION, out_dtype=ACC)
-            tl.atomic_add(DX + rows64[:, None] * D + kk[None, :], dx,
+            _accumulate(DX + rows64[:, None] * D + kk[None, :], dx,
                           mask=row_mask[:, None] & kmask[None, :])  # fmt: skip
             if NT == 4:
                 yt = tl.load(W + y_safe[:, None] * stride_wc + kk[None, :] * stride_wd,
@@ -505,10 +510,10 @@ if HAS_TRITON:
                     yt = yt.to(tl.float32)
                 # e_ij = W_y . W_j: dW_y += sum_j de_ij W_j ;  dW_j += sum_i de_ij W_y
                 dwy = tl.dot(de_op, wt, input_precision=PRECISION, out_dtype=ACC)
-                tl.atomic_add(DWY + rows64[:, None] * D + kk[None, :], dwy,
+                _accumulate(DWY + rows64[:, None] * D + kk[None, :], dwy,
                               mask=row_mask[:, None] & kmask[None, :])  # fmt: skip
                 dw += tl.dot(tl.trans(de_op), yt, input_precision=PRECISION, out_dtype=ACC)
-            tl.atomic_add(DW + cols64[:, None] * D + kk[None, :], dw,
+            _accumulate(DW + cols64[:, None] * D + kk[None, :], dw,
                           mask=col_mask[:, None] & kmask[None, :])  # fmt: skip
 
     @triton.jit
