@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" ninja pytest ruff numpy tqdm matplotlib scikit-learn
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" ninja pytest "ruff==0.17.6" numpy tqdm matplotlib scikit-learn
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*) $(wildcard margin_kernels/*.py)
