@@ -159,11 +159,17 @@ def test_deterministic_gradients_are_bitwise_identical_and_match_the_atomic_path
 
 
 def test_more_classes_than_a_grid_dimension(monkeypatch):
-    """C > 65536 (CUDA's limit on grid axes 1 and 2): column tiles sit on axis 0."""
-    wide = tb._Tile(16, 2048, 16, 1, 1, out=16)
-    monkeypatch.setattr(tb, "_tiles", lambda dtype, family, precision: tb._Tiles(wide, wide, wide))
-    x, w, y = _data(b=5, c=65537 + 2048, d=8, ignored=())
-    y[0] = 65536 + 100  # a target beyond 2^16
+    """More than 65535 column tiles (CUDA's limit on grid axes 1 and 2): they sit on axis 0.
+    The interpreter takes 2048-wide tiles to keep the step count small, so C > 65536 there;
+    on a GPU the real tiles need C > 65535 column tiles."""
+    if tb.INTERPRET:
+        wide = tb._Tile(16, 2048, 16, 1, 1, out=16)
+        monkeypatch.setattr(tb, "_tiles", lambda dtype, family, prec: tb._Tiles(wide, wide, wide))
+        num_classes = 65537 + 2048
+    else:
+        num_classes = 65536 * tb._tiles(torch.float64, tb.NT_SCALED, "ieee").bwd.c + 17
+    x, w, y = _data(b=5, c=num_classes, d=8, ignored=())
+    y[0] = num_classes - 100  # a target beyond 2^16
     _assert_parity(x, w, y, MarginSpec.cosface(30.0, 0.35), 1e-12, reduction="none")
 
 
