@@ -268,29 +268,10 @@ __global__ void margin_transform_kernel(MarginParams<typename MathType<S>::type>
   const M c = to_math(cos[i]);
   const M xn = to_math(x_norm[i]);
   const M wn = to_math(w_norm[i]);
-  M v, d, unused_xn, unused_wn;
-  if (target) {
-    v = target_logit(p, c, xn, wn, &d, &unused_xn, &unused_wn);
-  } else {
-    const M cy = c_target ? to_math(c_target[i]) : M(0);
-    const M g = gram ? to_math(gram[i]) : M(0);
-    switch (family_of(p.kind)) {
-      case kRaw:
-        v = nontarget_logit<kRaw>(p, c, xn, wn, cy, g, &d);
-        break;
-      case kFeatureNorm:
-        v = nontarget_logit<kFeatureNorm>(p, c, xn, wn, cy, g, &d);
-        break;
-      case kSquared:
-        v = nontarget_logit<kSquared>(p, c, xn, wn, cy, g, &d);
-        break;
-      case kWeighted:
-        v = nontarget_logit<kWeighted>(p, c, xn, wn, cy, g, &d);
-        break;
-      default:
-        v = nontarget_logit<kScaled>(p, c, xn, wn, cy, g, &d);
-    }
-  }
+  const M cy = c_target ? to_math(c_target[i]) : M(0);
+  const M g = gram ? to_math(gram[i]) : M(0);
+  M d;
+  const M v = margin_transform_one(p, target, c, xn, wn, cy, g, &d);
   value[i] = from_math<S>(v);
   deriv[i] = from_math<S>(d);
 }

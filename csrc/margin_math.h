@@ -290,6 +290,30 @@ MK_HD T nontarget_logit(const MarginParams<T>& p, T c, T x_norm, T w_norm, T c_y
   }
 }
 
+// The element-wise margin transform behind the margin_transform op (CUDA kernel and CPU twin):
+// the target logit T (target = true) or the non-target logit N of the kind's family, and its
+// derivative in c, with the family picked at run time.
+template <typename T>
+MK_HD T margin_transform_one(const MarginParams<T>& p, bool target, T c, T x_norm, T w_norm, T c_y,
+                             T gram, T* d_c) {
+  if (target) {
+    T unused_xn, unused_wn;
+    return target_logit(p, c, x_norm, w_norm, d_c, &unused_xn, &unused_wn);
+  }
+  switch (family_of(p.kind)) {
+    case kRaw:
+      return nontarget_logit<kRaw>(p, c, x_norm, w_norm, c_y, gram, d_c);
+    case kFeatureNorm:
+      return nontarget_logit<kFeatureNorm>(p, c, x_norm, w_norm, c_y, gram, d_c);
+    case kSquared:
+      return nontarget_logit<kSquared>(p, c, x_norm, w_norm, c_y, gram, d_c);
+    case kWeighted:
+      return nontarget_logit<kWeighted>(p, c, x_norm, w_norm, c_y, gram, d_c);
+    default:
+      return nontarget_logit<kScaled>(p, c, x_norm, w_norm, c_y, gram, d_c);
+  }
+}
+
 // Gradient of one non-target element, given prob_grad = dL/dN. The logit is a function of the
 // raw dot z = W_j . x (c = z / (||x|| ||W_j||)), of ||x||, and (W-Softmax) of c_y and of
 // g = h / (||W_y|| ||W_j||) with the raw dot h = W_y . W_j. Returned: dL/dz (what the backward

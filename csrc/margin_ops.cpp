@@ -340,27 +340,8 @@ void transform_cpu(int64_t kind, const std::vector<double>& params, bool target,
       const M wn = static_cast<M>(w_norm[i]);
       const M cy = c_target ? static_cast<M>(c_target[i]) : M(0);
       const M g = gram ? static_cast<M>(gram[i]) : M(0);
-      M v, d, unused_xn, unused_wn;
-      if (target) {
-        v = target_logit(p, c, xn, wn, &d, &unused_xn, &unused_wn);
-      } else {
-        switch (family_of(p.kind)) {
-          case kRaw:
-            v = nontarget_logit<kRaw>(p, c, xn, wn, cy, g, &d);
-            break;
-          case kFeatureNorm:
-            v = nontarget_logit<kFeatureNorm>(p, c, xn, wn, cy, g, &d);
-            break;
-          case kSquared:
-            v = nontarget_logit<kSquared>(p, c, xn, wn, cy, g, &d);
-            break;
-          case kWeighted:
-            v = nontarget_logit<kWeighted>(p, c, xn, wn, cy, g, &d);
-            break;
-          default:
-            v = nontarget_logit<kScaled>(p, c, xn, wn, cy, g, &d);
-        }
-      }
+      M d;
+      const M v = margin_transform_one(p, target, c, xn, wn, cy, g, &d);
       value[i] = static_cast<S>(v);
       deriv[i] = static_cast<S>(d);
     }
