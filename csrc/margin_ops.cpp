@@ -252,22 +252,37 @@ std::tuple<Tensor, Tensor> lse_fwd_outputs(const Tensor& logits) {
   return {at::empty({logits.size(0)}, opts), at::empty({logits.size(0)}, opts)};
 }
 
-std::tuple<Tensor, Tensor> margin_lse_fwd_cpu(const Tensor& logits, const OptTensor& gram,
-                                              const Tensor& x_norm, const Tensor& col_norm,
-                                              const Tensor& target, const OptTensor& col_ids,
-                                              const Tensor& c_target, const Tensor& target_norm,
-                                              int64_t num_classes, int64_t kind,
-                                              std::vector<double> params) {
+// The body of the forward op on every device: check, allocate the per-row outputs, point the
+// epilogue at them and run `launch` (the CPU twin or the CUDA kernel) on the arguments.
+template <typename Launch>
+std::tuple<Tensor, Tensor> lse_fwd(const Tensor& logits, const OptTensor& gram,
+                                   const Tensor& x_norm, const Tensor& col_norm,
+                                   const Tensor& target, const OptTensor& col_ids,
+                                   const Tensor& c_target, const Tensor& target_norm,
+                                   int64_t num_classes, int64_t kind,
+                                   const std::vector<double>& params, Launch launch) {
   EpilogueArgs a = check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, c_target,
                                   target_norm, num_classes, kind, params);
   set_pointers(&a, logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm);
   auto [neg_lse, target_logit] = lse_fwd_outputs(logits);
   a.neg_lse = neg_lse.data_ptr();
   a.target_logit = target_logit.data_ptr();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "margin_lse_fwd_cpu",
-                                  [&] { dispatch_family_cpu<scalar_t, ForwardCpu>(a); });
+  launch(a);
   return {neg_lse, target_logit};
+}
+
+std::tuple<Tensor, Tensor> margin_lse_fwd_cpu(const Tensor& logits, const OptTensor& gram,
+                                              const Tensor& x_norm, const Tensor& col_norm,
+                                              const Tensor& target, const OptTensor& col_ids,
+                                              const Tensor& c_target, const Tensor& target_norm,
+                                              int64_t num_classes, int64_t kind,
+                                              std::vector<double> params) {
+  return lse_fwd(logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm,
+                 num_classes, kind, params, [&](const EpilogueArgs& a) {
+                   AT_DISPATCH_FLOATING_TYPES_AND2(
+                       at::kHalf, at::kBFloat16, logits.scalar_type(), "margin_lse_fwd_cpu",
+                       [&] { dispatch_family_cpu<scalar_t, ForwardCpu>(a); });
+                 });
 }
 
 std::tuple<Tensor, Tensor, Tensor> lse_bwd_outputs(const Tensor& logits) {
@@ -284,12 +299,16 @@ void check_bwd_vectors(const Tensor& logits, const Tensor& neg_lse, const Tensor
   check_vector("grad_target_logit", grad_target_logit, logits.size(0), md, logits);
 }
 
-std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
-    const Tensor& logits, const OptTensor& gram, const Tensor& x_norm, const Tensor& col_norm,
-    const Tensor& target, const OptTensor& col_ids, const Tensor& c_target,
-    const Tensor& target_norm, int64_t num_classes, const Tensor& neg_lse,
-    const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t kind,
-    std::vector<double> params) {
+// The body of the backward op on every device (see lse_fwd).
+template <typename Launch>
+std::tuple<Tensor, Tensor, Tensor> lse_bwd(const Tensor& logits, const OptTensor& gram,
+                                           const Tensor& x_norm, const Tensor& col_norm,
+                                           const Tensor& target, const OptTensor& col_ids,
+                                           const Tensor& c_target, const Tensor& target_norm,
+                                           int64_t num_classes, const Tensor& neg_lse,
+                                           const Tensor& grad_neg_lse,
+                                           const Tensor& grad_target_logit, int64_t kind,
+                                           const std::vector<double>& params, Launch launch) {
   EpilogueArgs a = check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, c_target,
                                   target_norm, num_classes, kind, params);
   check_bwd_vectors(logits, neg_lse, grad_neg_lse, grad_target_logit);
@@ -301,10 +320,23 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
   a.row_d_xnorm = d_xnorm.data_ptr();
   a.row_d_ctarget = d_ctarget.data_ptr();
   a.row_d_tnorm = d_tnorm.data_ptr();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "margin_lse_bwd_cpu",
-                                  [&] { dispatch_family_cpu<scalar_t, BackwardCpu>(a); });
+  launch(a);
   return {d_xnorm, d_ctarget, d_tnorm};
+}
+
+std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
+    const Tensor& logits, const OptTensor& gram, const Tensor& x_norm, const Tensor& col_norm,
+    const Tensor& target, const OptTensor& col_ids, const Tensor& c_target,
+    const Tensor& target_norm, int64_t num_classes, const Tensor& neg_lse,
+    const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t kind,
+    std::vector<double> params) {
+  return lse_bwd(logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm,
+                 num_classes, neg_lse, grad_neg_lse, grad_target_logit, kind, params,
+                 [&](const EpilogueArgs& a) {
+                   AT_DISPATCH_FLOATING_TYPES_AND2(
+                       at::kHalf, at::kBFloat16, logits.scalar_type(), "margin_lse_bwd_cpu",
+                       [&] { dispatch_family_cpu<scalar_t, BackwardCpu>(a); });
+                 });
 }
 
 void check_transform(const Tensor& cos, const Tensor& x_norm, const Tensor& w_norm,
@@ -420,15 +452,10 @@ std::tuple<Tensor, Tensor> margin_lse_fwd_cuda(const Tensor& logits, const OptTe
                                                const Tensor& c_target, const Tensor& target_norm,
                                                int64_t num_classes, int64_t kind,
                                                std::vector<double> params) {
-  EpilogueArgs a = check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, c_target,
-                                  target_norm, num_classes, kind, params);
   const c10::cuda::CUDAGuard guard(logits.device());
-  set_pointers(&a, logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm);
-  auto [neg_lse, target_logit] = lse_fwd_outputs(logits);
-  a.neg_lse = neg_lse.data_ptr();
-  a.target_logit = target_logit.data_ptr();
-  launch_lse_forward_cuda(a, current_stream(logits));
-  return {neg_lse, target_logit};
+  return lse_fwd(
+      logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm, num_classes, kind,
+      params, [&](const EpilogueArgs& a) { launch_lse_forward_cuda(a, current_stream(logits)); });
 }
 
 std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
@@ -437,20 +464,11 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
     const Tensor& target_norm, int64_t num_classes, const Tensor& neg_lse,
     const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t kind,
     std::vector<double> params) {
-  EpilogueArgs a = check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, c_target,
-                                  target_norm, num_classes, kind, params);
-  check_bwd_vectors(logits, neg_lse, grad_neg_lse, grad_target_logit);
   const c10::cuda::CUDAGuard guard(logits.device());
-  set_pointers(&a, logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm);
-  auto [d_xnorm, d_ctarget, d_tnorm] = lse_bwd_outputs(logits);
-  a.saved_neg_lse = neg_lse.data_ptr();
-  a.grad_neg_lse = grad_neg_lse.data_ptr();
-  a.grad_target = grad_target_logit.data_ptr();
-  a.row_d_xnorm = d_xnorm.data_ptr();
-  a.row_d_ctarget = d_ctarget.data_ptr();
-  a.row_d_tnorm = d_tnorm.data_ptr();
-  launch_lse_backward_cuda(a, current_stream(logits));
-  return {d_xnorm, d_ctarget, d_tnorm};
+  return lse_bwd(
+      logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm, num_classes, neg_lse,
+      grad_neg_lse, grad_target_logit, kind, params,
+      [&](const EpilogueArgs& a) { launch_lse_backward_cuda(a, current_stream(logits)); });
 }
 
 std::tuple<Tensor, Tensor> margin_transform_cuda(const Tensor& cos, const Tensor& x_norm,
