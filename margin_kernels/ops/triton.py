@@ -70,9 +70,6 @@ _NONTARGET_FAMILY = {
     "w_softmax": NT_W,
 }
 _KIND_NAMES = {v: k for k, v in KIND_IDS.items()}
-# Running max of the online log-sum-exp starts here (finite, so that exp(m_old - m_new) of a
-# tile that is fully masked is exp(0), never exp(nan)).
-_NEG_BIG = -1e30
 
 
 def unavailable_reason(device: torch.device, spec: MarginSpec) -> str | None:
@@ -357,6 +354,7 @@ if HAS_TRITON:
         rows64 = rows.to(tl.int64)
         col_start = split * cols_per_split
         col_end = tl.minimum(col_start + cols_per_split, S)
+        # finite start, so that a fully masked tile rescales by exp(0), never exp(nan)
         run_max = tl.full((BLOCK_B,), -1e30, ACC)
         run_sum = tl.zeros((BLOCK_B,), dtype=ACC)
         for c0 in range(col_start, col_end, BLOCK_C):
@@ -776,6 +774,15 @@ def _psi_thresholds(kind_id: int, m: float) -> tuple[float, float, float]:
     return tuple(ths + [-2.0] * (3 - len(ths)))
 
 
+def _columns(target, class_ids, num_classes):
+    """(labels with -1 where the row has no target in this weight, contiguous ids or None,
+    number of columns in the denominator)."""
+    # labels outside this weight's classes (ignored, or another shard's) have no target
+    y = torch.where((target >= 0) & (target < num_classes), target, -1).contiguous()
+    ids = class_ids.contiguous() if class_ids is not None else None
+    return y, ids, num_classes if ids is None else ids.shape[0]
+
+
 def _forward(x, weight, target, class_ids, kind_id, params):
     """Returns (neg_lse (B,), target_logit (B,), row_stats (7, B), col_norms (S,))."""
     batch, dim = x.shape
@@ -786,10 +793,7 @@ def _forward(x, weight, target, class_ids, kind_id, params):
     acc = _acc_dtype(x.dtype)
     fwd = _tiles(x.dtype, family, _precision(x.dtype)).fwd
     sc = _scalar_args(params)
-    # labels outside this weight's classes (ignored, or another shard's) have no target
-    y = torch.where((target >= 0) & (target < num_classes), target, -1).contiguous()
-    ids = class_ids.contiguous() if class_ids is not None else None
-    n_cols = num_classes if ids is None else ids.shape[0]
+    y, ids, n_cols = _columns(target, class_ids, num_classes)
     nx = _row_norms(x, None, acc_t)
     nw = _row_norms(weight, ids, acc_t)
     row_stats = torch.empty(7, batch, device=x.device, dtype=acc_t)
@@ -838,9 +842,7 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
     acc = _acc_dtype(x.dtype)
     tiles = _tiles(x.dtype, family, _precision(x.dtype))
     sc = _scalar_args(params)
-    y = torch.where((target >= 0) & (target < num_classes), target, -1).contiguous()
-    ids = class_ids.contiguous() if class_ids is not None else None
-    n_cols = num_classes if ids is None else ids.shape[0]
+    y, ids, n_cols = _columns(target, class_ids, num_classes)
     _, a, bx, by, cy, ny, nx = row_stats
     grad_lse = grad_lse.to(acc_t).contiguous()
     grad_t = grad_t.to(acc_t)
