@@ -389,7 +389,12 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         except Exception:
             report[name] = traceback.format_exc()
     torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Every rank leaves together, and skips the interpreter's shutdown: gloo's background threads
+    # can abort a process at exit ("terminate called ...", SIGABRT) after all its checks passed
+    # and its report was written, which would fail the group for a reason unrelated to the loss.
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)
 
 
 def _run_group(world: int, tmp_path: Path) -> list[dict]:
