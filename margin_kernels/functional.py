@@ -173,7 +173,7 @@ def lsoftmax_loss(
     **common,
 ) -> torch.Tensor:
     """L-Softmax (Liu et al. 2016): T = ||W_y|| ||x|| (lam c + psi_m(c)) / (1 + lam),
-    non-target logits are the raw W_j . x. ``m`` in 1..4; ``lam`` is the annealed blend
+    non-target logits are the raw W_j . x. ``m`` in 1..16; ``lam`` is the annealed blend
     (see :class:`margin_kernels.nn.LambdaSchedule`). Shapes as in :func:`margin_cross_entropy`."""
     return margin_cross_entropy(x, weight, target, MarginSpec.lsoftmax(m, lam), **common)
 

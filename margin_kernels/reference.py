@@ -55,7 +55,8 @@ def row_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 def chebyshev(c: torch.Tensor, m: int) -> torch.Tensor:
-    """cos(m theta) as the Chebyshev polynomial T_m(c), m in 1..4."""
+    """cos(m theta) as the Chebyshev polynomial T_m(c), any integer m >= 1: the closed forms for
+    m <= 4, the recurrence T_{k+1} = 2 c T_k - T_{k-1} above."""
     if m == 1:
         return c
     c2 = c * c
@@ -63,7 +64,12 @@ def chebyshev(c: torch.Tensor, m: int) -> torch.Tensor:
         return 2 * c2 - 1
     if m == 3:
         return (4 * c2 - 3) * c
-    return (8 * c2 - 8) * c2 + 1
+    if m == 4:
+        return (8 * c2 - 8) * c2 + 1
+    prev, cur = (4 * c2 - 3) * c, (8 * c2 - 8) * c2 + 1
+    for _ in range(4, m):
+        prev, cur = cur, 2 * c * cur - prev
+    return cur
 
 
 def psi(c: torch.Tensor, m: int) -> torch.Tensor:

@@ -17,6 +17,10 @@ NORM_EPS = 1e-12
 # sqrt(max(1 - c^2, SIN2_EPS)), i.e. sin(theta) >= 1e-3, so gradients stay finite at |c| -> 1.
 # The forward value uses the unguarded sqrt(max(1 - c^2, 0)).
 SIN2_EPS = 1e-6
+# Largest integer margin of the psi kinds (lsoftmax, sphereface). cos(m theta) = T_m(c) is
+# evaluated by the Chebyshev recurrence, which is stable on [-1, 1]; the kernels unroll it and
+# the m - 1 sign tests, so the bound keeps compile time and code size small.
+MAX_PSI_M = 16
 
 # kind name -> integer id used by the compiled kernels (csrc/margin_math.h mirrors this table).
 KIND_IDS = {
@@ -58,7 +62,7 @@ class MarginSpec:
     Attributes:
         kind: one of ``KIND_IDS``.
         s: logit scale (cosface, arcface, combined, lm_softmax).
-        m: margin. Integer 1..4 for the psi kinds (lsoftmax, sphereface); an angle in radians
+        m: margin. Integer 1..MAX_PSI_M (16) for the psi kinds (lsoftmax, sphereface); an angle in radians
             for arcface; an additive cosine margin for cosface; the SO-Softmax margin; the
             additive logit margin of soft_margin (the EM-Softmax head).
         m1, m2, m3: combined margin ``s (cos(m1 theta + m2) - m3)``.
@@ -108,8 +112,10 @@ class MarginSpec:
             raise ValueError(f"s must be > 0, got {self.s}")
         kind = self.kind
         if kind in ("lsoftmax", "sphereface"):
-            if self.m not in (1, 2, 3, 4) or float(self.m) != int(self.m):
-                raise ValueError(f"m must be an integer in 1..4 for {kind}, got {self.m}")
+            if float(self.m) != int(self.m) or not 1 <= self.m <= MAX_PSI_M:
+                raise ValueError(
+                    f"m must be an integer in 1..{MAX_PSI_M} for {kind}, got {self.m}"
+                )
             if self.lam < 0:
                 raise ValueError(f"lam must be >= 0, got {self.lam}")
         elif kind == "arcface":

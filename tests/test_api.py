@@ -24,9 +24,9 @@ def _inputs(b=4, c=6, d=5):
     "make, match",
     [
         (lambda: MarginSpec("nope"), "kind must be one of"),
-        (lambda: MarginSpec.lsoftmax(m=5), "m must be an integer in 1..4"),
-        (lambda: MarginSpec.sphereface(m=2.5), "m must be an integer in 1..4"),
-        (lambda: MarginSpec.sphereface(m=0), "m must be an integer in 1..4"),
+        (lambda: MarginSpec.lsoftmax(m=17), "m must be an integer in 1..16"),
+        (lambda: MarginSpec.sphereface(m=2.5), "m must be an integer in 1..16"),
+        (lambda: MarginSpec.sphereface(m=0), "m must be an integer in 1..16"),
         (lambda: MarginSpec.lsoftmax(lam=-1.0), "lam must be >= 0"),
         (lambda: MarginSpec.cosface(s=0.0), "s must be > 0"),
         (lambda: MarginSpec.arcface(s=-1.0), "s must be > 0"),
