@@ -484,21 +484,81 @@ def reference_new_plan(shape: Shape, needs_dx: bool, needs_dw: bool, num_sms: in
     splits = max(1, min(col_tiles, math.ceil(4 * num_sms / row_blocks)))
     per_split = math.ceil(col_tiles / splits)
     launches = [
-        Launch("forward", "row_norm_kernel", "row_norms", (math.ceil(B / 16),), 16, 0, 64, 4, 1,
-               1, 0, "rows"),  # fmt: skip
-        Launch("forward", "row_norm_kernel", "col_norms", (math.ceil(S / 16),), 16, 0, 64, 4, 1,
-               1, 0, "rows"),  # fmt: skip
-        Launch("forward", "target_kernel", "target", (math.ceil(B / 16),), 16, 0, 64, 4, 1, 1, 0,
-               "rows"),  # fmt: skip
-        Launch("forward", "fwd_kernel", "forward", (row_blocks, splits), bm, bn, 64, 8, 3, 1,
-               per_split, "row tiles fastest"),  # fmt: skip
+        Launch(
+            "forward",
+            "row_norm_kernel",
+            "row_norms",
+            (math.ceil(B / 16),),
+            16,
+            0,
+            64,
+            4,
+            1,
+            1,
+            0,
+            "rows",
+        ),
+        Launch(
+            "forward",
+            "row_norm_kernel",
+            "col_norms",
+            (math.ceil(S / 16),),
+            16,
+            0,
+            64,
+            4,
+            1,
+            1,
+            0,
+            "rows",
+        ),
+        Launch(
+            "forward",
+            "target_kernel",
+            "target",
+            (math.ceil(B / 16),),
+            16,
+            0,
+            64,
+            4,
+            1,
+            1,
+            0,
+            "rows",
+        ),
+        Launch(
+            "forward",
+            "fwd_kernel",
+            "forward",
+            (row_blocks, splits),
+            bm,
+            bn,
+            64,
+            8,
+            3,
+            1,
+            per_split,
+            "row tiles fastest",
+        ),
         Launch("forward", "merge_kernel", "merge", (splits,), 64, 0, D, 4, 1, 1, 0, "rows"),
     ]
     if needs_dw:
         launches.append(
-            Launch("backward", "dw_kernel", "dw", (math.ceil(S / 128),), 64, 128, 64, 8, 3,
-                   row_blocks, 1, "class tiles; each program walks every row tile"),
-        )  # fmt: skip
+            Launch(
+                "backward",
+                "dw_kernel",
+                "dw",
+                (math.ceil(S / 128),),
+                64,
+                128,
+                64,
+                8,
+                3,
+                row_blocks,
+                1,
+                "class tiles; each program walks every row tile",
+            ),
+        )
     return launches
 
 
@@ -507,10 +567,16 @@ def new_triton_launches(shape: Shape, needs_dx: bool, needs_dw: bool, machine: M
     if HAS_TRITON_PLAN:
         num_sampled = None if shape.sample_rate >= 1.0 else shape.sampled
         launches = triton_plan(
-            shape.batch, shape.num_classes, shape.dim, shape.dtype, shape.kind,
-            num_sampled=num_sampled, needs_dx=needs_dx, needs_dw=needs_dw,
+            shape.batch,
+            shape.num_classes,
+            shape.dim,
+            shape.dtype,
+            shape.kind,
+            num_sampled=num_sampled,
+            needs_dx=needs_dx,
+            needs_dw=needs_dw,
             num_sms=machine.num_sms,
-        )  # fmt: skip
+        )
         return list(launches), "margin_kernels.ops.triton.config.plan"
     return reference_new_plan(shape, needs_dx, needs_dw, machine.num_sms), "model's reading"
 
@@ -571,27 +637,60 @@ def old_triton_costs(
     splits = max(1, min(col_tiles, math.ceil(4 * machine.num_sms / row_blocks)))
     per_split = math.ceil(col_tiles / splits)
     splits = max(1, math.ceil(S / (per_split * bn)))
-    fwd_launch = Launch("forward", "_fwd_kernel", "forward", (row_blocks, splits), bm, bn, bk,
-                        warps, stages, 1, per_split, "row tiles on axis 0 (fastest)")  # fmt: skip
+    fwd_launch = Launch(
+        "forward",
+        "_fwd_kernel",
+        "forward",
+        (row_blocks, splits),
+        bm,
+        bn,
+        bk,
+        warps,
+        stages,
+        1,
+        per_split,
+        "row tiles on axis 0 (fastest)",
+    )
     fwd = cost_of_launch(fwd_launch, shape, machine, needs_dx=False)
     fwd.note = "x tile re-read from L2 for every class tile; exp not overlapped with the MMAs"
     costs.append(evaluate(fwd, machine))
-    costs.append(_torch_pass("forward", "split merge (torch: max, exp, sum, log)",
-                             3 * splits * B * acc, machine, ops=6))  # fmt: skip
+    costs.append(
+        _torch_pass(
+            "forward",
+            "split merge (torch: max, exp, sum, log)",
+            3 * splits * B * acc,
+            machine,
+            ops=6,
+        )
+    )
     if not backward:
         return costs
     # fp32 scratch zeroed by torch: dX, dW (S x D), dWY, row/col scalars
     costs.append(_torch_pass("backward", "zero dW scratch (fp32 S x D)", S * D * acc, machine))
-    costs.append(_torch_pass("backward", "zero dX, dWY, scalars", (2 * B * D + 3 * B + S) * acc,
-                             machine, ops=4))  # fmt: skip
+    costs.append(
+        _torch_pass(
+            "backward", "zero dX, dWY, scalars", (2 * B * D + 3 * B + S) * acc, machine, ops=4
+        )
+    )
     if deterministic:
         bm, bn, bk, warps, stages, out = OLD_DET_TILE
         slices = math.ceil(D / out)
         row_blocks = math.ceil(B / bm)
         col_tiles = math.ceil(S / bn)
-        rows_launch = Launch("backward", "_bwd_rows_kernel", "det_rows", (row_blocks, slices),
-                             bm, bn, bk, warps, stages, 1, col_tiles,
-                             "row tiles on axis 0, feature slices on axis 1")  # fmt: skip
+        rows_launch = Launch(
+            "backward",
+            "_bwd_rows_kernel",
+            "det_rows",
+            (row_blocks, slices),
+            bm,
+            bn,
+            bk,
+            warps,
+            stages,
+            1,
+            col_tiles,
+            "row tiles on axis 0, feature slices on axis 1",
+        )
         rows = KernelCost("backward", "_bwd_rows_kernel", "det_rows", programs=row_blocks * slices)
         # every feature slice recomputes the full-D logits of all its rows x all classes
         logits = slices * _padded(B, bm) * _padded(S, bn)
@@ -606,9 +705,20 @@ def old_triton_costs(
         rows.bandwidth_cap = triton_bandwidth_cap(rows_launch, isz, machine)
         rows.note = f"recomputes the logits {slices}x (D/BLOCK_OUT); {rows.programs} programs"
         costs.append(evaluate(rows, machine))
-        cols_launch = Launch("backward", "_bwd_cols_kernel", "det_cols", (col_tiles, slices),
-                             bm, bn, bk, warps, stages, row_blocks, 1,
-                             "column tiles on axis 0 (fastest), feature slices on axis 1")  # fmt: skip
+        cols_launch = Launch(
+            "backward",
+            "_bwd_cols_kernel",
+            "det_cols",
+            (col_tiles, slices),
+            bm,
+            bn,
+            bk,
+            warps,
+            stages,
+            row_blocks,
+            1,
+            "column tiles on axis 0 (fastest), feature slices on axis 1",
+        )
         cols = KernelCost("backward", "_bwd_cols_kernel", "det_cols", programs=col_tiles * slices)
         cols.mma_flops = rows.mma_flops
         cols.mma_rate = rows.mma_rate
@@ -626,11 +736,23 @@ def old_triton_costs(
         bm, bn, bk, warps, stages = OLD_BWD_TILE
         row_blocks = math.ceil(B / bm)
         col_tiles = math.ceil(S / bn)
-        launch = Launch("backward", "_bwd_fused_kernel", "fused_bwd", (col_tiles, row_blocks),
-                        bm, bn, bk, warps, stages, 1, 1,
-                        "column tiles on axis 0 (fastest), row tiles on axis 1")  # fmt: skip
-        fused = KernelCost("backward", "_bwd_fused_kernel", "fused_bwd",
-                           programs=col_tiles * row_blocks)  # fmt: skip
+        launch = Launch(
+            "backward",
+            "_bwd_fused_kernel",
+            "fused_bwd",
+            (col_tiles, row_blocks),
+            bm,
+            bn,
+            bk,
+            warps,
+            stages,
+            1,
+            1,
+            "column tiles on axis 0 (fastest), row tiles on axis 1",
+        )
+        fused = KernelCost(
+            "backward", "_bwd_fused_kernel", "fused_bwd", programs=col_tiles * row_blocks
+        )
         logits = _padded(B, bm) * _padded(S, bn)
         fused.mma_flops = 3 * 2.0 * logits * D  # recompute, dX, dW
         fused.mma_rate = peak * triton_mma_fraction(bm, bn, bk)
@@ -653,13 +775,29 @@ def old_triton_costs(
             f"{fused.atomics:.2e} fp32 atomics"
         )
         costs.append(evaluate(fused, machine))
-    costs.append(_old_row_kernel("backward", "_add_scaled_rows_kernel (norm pass)", S,
-                                 S * D * (2 * acc + isz), shape, machine))  # fmt: skip
-    costs.append(_torch_pass("backward", "row terms (torch, O(B D))", 12 * B * D * acc, machine,
-                             ops=14))  # fmt: skip
+    costs.append(
+        _old_row_kernel(
+            "backward",
+            "_add_scaled_rows_kernel (norm pass)",
+            S,
+            S * D * (2 * acc + isz),
+            shape,
+            machine,
+        )
+    )
+    costs.append(
+        _torch_pass("backward", "row terms (torch, O(B D))", 12 * B * D * acc, machine, ops=14)
+    )
     if S != C:
-        costs.append(_torch_pass("backward", "dense fp32 dW for Partial-FC + index_put",
-                                 C * D * acc + 3 * S * D * acc, machine, ops=2))  # fmt: skip
+        costs.append(
+            _torch_pass(
+                "backward",
+                "dense fp32 dW for Partial-FC + index_put",
+                C * D * acc + 3 * S * D * acc,
+                machine,
+                ops=2,
+            )
+        )
     costs.append(_torch_pass("backward", "cast dW fp32 -> W dtype", C * D * (acc + isz), machine))
     return costs
 
@@ -689,7 +827,9 @@ def gemm_cost(
     split = max(1, min(math.ceil(2 * machine.num_sms / tiles), k // 1024))
     cost.hbm_bytes = bytes_ + (2 * split * m * n * 4 if split > 1 else 0)
     # split or stream-K work is spread evenly over the SMs: no wave tail
-    cost.programs = tiles if split == 1 else machine.num_sms * math.ceil(tiles * split / machine.num_sms)
+    cost.programs = (
+        tiles if split == 1 else machine.num_sms * math.ceil(tiles * split / machine.num_sms)
+    )
     cost.w_passes = w_passes
     if split > 1:
         cost.note = f"split-K x{split}"
@@ -704,10 +844,24 @@ def gemm_baseline_costs(shape: Shape, machine: Machine, backward: bool) -> list[
         gemm_cost("forward", "z = x W^T", B, S, D, (B * D + S * D + B * S) * isz, shape, machine)
     ]
     if backward:
-        costs.append(gemm_cost("backward", "dX = dz W", B, D, S,
-                               (B * S + S * D + B * D) * isz, shape, machine))  # fmt: skip
-        costs.append(gemm_cost("backward", "dW = dz^T x", S, D, B,
-                               (B * S + B * D + S * D) * isz, shape, machine, 0.0))  # fmt: skip
+        costs.append(
+            gemm_cost(
+                "backward", "dX = dz W", B, D, S, (B * S + S * D + B * D) * isz, shape, machine
+            )
+        )
+        costs.append(
+            gemm_cost(
+                "backward",
+                "dW = dz^T x",
+                S,
+                D,
+                B,
+                (B * S + B * D + S * D) * isz,
+                shape,
+                machine,
+                0.0,
+            )
+        )
     return costs
 
 
@@ -758,8 +912,9 @@ def old_cuda_costs(shape: Shape, machine: Machine, backward: bool) -> list[Kerne
     costs = []
     if S != C:
         costs.append(_torch_pass("forward", "index_select W[ids]", 2 * S * D * isz, machine))
-    costs.append(_torch_pass("forward", "norms of x, W, W_y; c_y", (S * D + 4 * B * D) * isz,
-                             machine, ops=8))  # fmt: skip
+    costs.append(
+        _torch_pass("forward", "norms of x, W, W_y; c_y", (S * D + 4 * B * D) * isz, machine, ops=8)
+    )
 
     def per_chunk(build):
         merged = None
@@ -772,48 +927,149 @@ def old_cuda_costs(shape: Shape, machine: Machine, backward: bool) -> list[Kerne
         merged.kernel = merged.kernel.split(" [x")[0] + f" [x{chunks}]"
         return merged
 
-    costs.append(per_chunk(lambda r: gemm_cost(
-        "forward", "chunk GEMM z = x_r W^T", r, S, D, (r * D + S * D + r * S) * isz, shape, machine
-    )))  # fmt: skip
-    costs.append(per_chunk(lambda r: _epilogue(
-        "forward", "margin_lse_fwd (1 block/row)", r, OLD_CUDA_THREADS, r * S, r * S * isz,
-        "epilogue_fwd", shape, machine,
-    )))  # fmt: skip
+    costs.append(
+        per_chunk(
+            lambda r: gemm_cost(
+                "forward",
+                "chunk GEMM z = x_r W^T",
+                r,
+                S,
+                D,
+                (r * D + S * D + r * S) * isz,
+                shape,
+                machine,
+            )
+        )
+    )
+    costs.append(
+        per_chunk(
+            lambda r: _epilogue(
+                "forward",
+                "margin_lse_fwd (1 block/row)",
+                r,
+                OLD_CUDA_THREADS,
+                r * S,
+                r * S * isz,
+                "epilogue_fwd",
+                shape,
+                machine,
+            )
+        )
+    )
     costs[-1].note = f"R = {rows} rows per chunk, {chunks} chunks; W streamed once per chunk"
     if not backward:
         return costs
     # _norm_and_direction of x, W (S x D) and W_y in fp32: to, norm, clamp, div, zeros, where
-    costs.append(_torch_pass("backward", "_norm_and_direction(W) fp32 temporaries",
-                             S * D * (isz + 8 * acc), machine, ops=6))  # fmt: skip
+    costs.append(
+        _torch_pass(
+            "backward",
+            "_norm_and_direction(W) fp32 temporaries",
+            S * D * (isz + 8 * acc),
+            machine,
+            ops=6,
+        )
+    )
     costs.append(_torch_pass("backward", "zero grad_cols (fp32 S x D)", S * D * acc, machine))
-    costs.append(per_chunk(lambda r: gemm_cost(
-        "backward", "chunk GEMM recompute z", r, S, D, (r * D + S * D + r * S) * isz, shape,
-        machine,
-    )))  # fmt: skip
-    costs.append(per_chunk(lambda r: _epilogue(
-        "backward", "margin_lse_bwd (1 block/row, in place)", r, OLD_CUDA_THREADS, r * S,
-        2 * r * S * isz, "epilogue_bwd", shape, machine,
-    )))  # fmt: skip
-    costs.append(per_chunk(lambda r: gemm_cost(
-        "backward", "chunk GEMM dX = dz W", r, D, S, (r * S + S * D + r * D) * isz, shape, machine
-    )))  # fmt: skip
-    costs.append(per_chunk(lambda r: gemm_cost(
-        "backward", "chunk GEMM dz^T x (16-bit S x D out)", S, D, r,
-        (r * S + r * D + S * D) * isz, shape, machine, 0.0,
-    )))  # fmt: skip
+    costs.append(
+        per_chunk(
+            lambda r: gemm_cost(
+                "backward",
+                "chunk GEMM recompute z",
+                r,
+                S,
+                D,
+                (r * D + S * D + r * S) * isz,
+                shape,
+                machine,
+            )
+        )
+    )
+    costs.append(
+        per_chunk(
+            lambda r: _epilogue(
+                "backward",
+                "margin_lse_bwd (1 block/row, in place)",
+                r,
+                OLD_CUDA_THREADS,
+                r * S,
+                2 * r * S * isz,
+                "epilogue_bwd",
+                shape,
+                machine,
+            )
+        )
+    )
+    costs.append(
+        per_chunk(
+            lambda r: gemm_cost(
+                "backward",
+                "chunk GEMM dX = dz W",
+                r,
+                D,
+                S,
+                (r * S + S * D + r * D) * isz,
+                shape,
+                machine,
+            )
+        )
+    )
+    costs.append(
+        per_chunk(
+            lambda r: gemm_cost(
+                "backward",
+                "chunk GEMM dz^T x (16-bit S x D out)",
+                S,
+                D,
+                r,
+                (r * S + r * D + S * D) * isz,
+                shape,
+                machine,
+                0.0,
+            )
+        )
+    )
     # .to(fp32) (read 16-bit, write fp32) then grad_cols += (read 2 fp32, write 1)
-    costs.append(_scaled(_torch_pass("backward", "cast + add into fp32 grad_cols",
-                                     S * D * (isz + 4 * acc), machine, ops=2), chunks))  # fmt: skip
+    costs.append(
+        _scaled(
+            _torch_pass(
+                "backward",
+                "cast + add into fp32 grad_cols",
+                S * D * (isz + 4 * acc),
+                machine,
+                ops=2,
+            ),
+            chunks,
+        )
+    )
     costs[-1].dw_passes = 2.0 * chunks
     costs[-1].note = "the fp32 dW accumulator is read and written once per chunk"
-    costs.append(per_chunk(lambda r: _torch_pass(
-        "backward", "grad_x, grad_wy row terms (torch)", 12 * r * D * acc, machine, ops=12)))
+    costs.append(
+        per_chunk(
+            lambda r: _torch_pass(
+                "backward", "grad_x, grad_wy row terms (torch)", 12 * r * D * acc, machine, ops=12
+            )
+        )
+    )
     # radial term over all of W in fp32: cols.to, mul, sum; radial * col_dir, subtract
-    costs.append(_torch_pass("backward", "radial column-norm term (fp32, whole W)",
-                             S * D * (isz + 10 * acc), machine, ops=5))  # fmt: skip
+    costs.append(
+        _torch_pass(
+            "backward",
+            "radial column-norm term (fp32, whole W)",
+            S * D * (isz + 10 * acc),
+            machine,
+            ops=5,
+        )
+    )
     if S != C:
-        costs.append(_torch_pass("backward", "dense fp32 dW + index_put",
-                                 C * D * acc + 3 * S * D * acc, machine, ops=2))  # fmt: skip
+        costs.append(
+            _torch_pass(
+                "backward",
+                "dense fp32 dW + index_put",
+                C * D * acc + 3 * S * D * acc,
+                machine,
+                ops=2,
+            )
+        )
     costs.append(_torch_pass("backward", "cast dW fp32 -> W dtype", C * D * (acc + isz), machine))
     return costs
 
@@ -827,9 +1083,17 @@ def _group_counts(sizes: Sequence[int]) -> list[tuple[int, int]]:
 
 def _merge(into: KernelCost, other: KernelCost) -> None:
     for name in (
-        "mma_flops", "logits", "hbm_bytes", "atomics", "w_passes", "dw_passes", "compute_s",
-        "memory_s", "atomic_s", "time_s",
-    ):  # fmt: skip
+        "mma_flops",
+        "logits",
+        "hbm_bytes",
+        "atomics",
+        "w_passes",
+        "dw_passes",
+        "compute_s",
+        "memory_s",
+        "atomic_s",
+        "time_s",
+    ):
         setattr(into, name, getattr(into, name) + getattr(other, name))
     into.launches += other.launches
 
@@ -853,16 +1117,23 @@ def reference_chunk_plan(shape: Shape, chunk_bytes: int = 256 * MiB) -> _ModelCh
     per_chunk = max(1, min(S, chunk_bytes // (max(1, B) * 4)))
     chunks = math.ceil(S / per_chunk)
     splits = max(1, math.ceil(4 * 132 / max(1, B)))
-    return _ModelChunkPlan(per_chunk, chunks, torch.float32, (B, splits), 256,
-                           chunk_bytes + 4 * B * shape.dim * 4)  # fmt: skip
+    return _ModelChunkPlan(
+        per_chunk, chunks, torch.float32, (B, splits), 256, chunk_bytes + 4 * B * shape.dim * 4
+    )
 
 
 def new_cuda_plan(shape: Shape):
     """(plan, source): ``margin_kernels.ops.cuda.chunk_plan`` when present, else the model's."""
     if HAS_CHUNK_PLAN:
         num_sampled = None if shape.sample_rate >= 1.0 else shape.sampled
-        plan = chunk_plan(shape.batch, shape.num_classes, shape.dim, shape.dtype, shape.kind,
-                          num_sampled=num_sampled)  # fmt: skip
+        plan = chunk_plan(
+            shape.batch,
+            shape.num_classes,
+            shape.dim,
+            shape.dtype,
+            shape.kind,
+            num_sampled=num_sampled,
+        )
         return plan, "margin_kernels.ops.cuda.chunk_plan"
     return reference_chunk_plan(shape), "model's reading"
 
@@ -896,42 +1167,118 @@ def new_cuda_costs(shape: Shape, machine: Machine, backward: bool) -> list[Kerne
         merged.kernel = merged.kernel.split(" [x")[0] + f" [x{chunks}]"
         return merged
 
-    costs.append(per_chunk(lambda n: gemm_cost(
-        "forward", "chunk GEMM z = x W_c^T (fp32 out)", B, n, D,
-        (B * D + n * D) * isz + B * n * lsz, shape, machine, n / S,
-    )))  # fmt: skip
-    costs.append(per_chunk(lambda n: _epilogue(
-        "forward", "LSE epilogue (online merge)", blocks, threads, B * n, B * n * lsz,
-        "epilogue_fwd", shape, machine,
-    )))  # fmt: skip
+    costs.append(
+        per_chunk(
+            lambda n: gemm_cost(
+                "forward",
+                "chunk GEMM z = x W_c^T (fp32 out)",
+                B,
+                n,
+                D,
+                (B * D + n * D) * isz + B * n * lsz,
+                shape,
+                machine,
+                n / S,
+            )
+        )
+    )
+    costs.append(
+        per_chunk(
+            lambda n: _epilogue(
+                "forward",
+                "LSE epilogue (online merge)",
+                blocks,
+                threads,
+                B * n,
+                B * n * lsz,
+                "epilogue_fwd",
+                shape,
+                machine,
+            )
+        )
+    )
     costs[-1].note = f"S_c = {sc} classes per chunk, {chunks} chunks, {blocks} blocks"
     if not backward:
         return costs
-    costs.append(per_chunk(lambda n: gemm_cost(
-        "backward", "chunk GEMM recompute z (fp32 out)", B, n, D,
-        (B * D + n * D) * isz + B * n * lsz, shape, machine, n / S,
-    )))  # fmt: skip
-    costs.append(per_chunk(lambda n: _epilogue(
-        "backward", "dz epilogue (fp32 in, 16-bit dz out)", blocks, threads, B * n,
-        B * n * (lsz + isz), "epilogue_bwd", shape, machine,
-    )))  # fmt: skip
-    costs.append(per_chunk(lambda n: gemm_cost(
-        "backward", "chunk GEMM dX += dz W_c", B, D, n, (B * n + n * D) * isz + 2 * B * D * acc,
-        shape, machine, n / S,
-    )))  # fmt: skip
-    costs.append(per_chunk(lambda n: gemm_cost(
-        "backward", "chunk GEMM H_c = dz^T x (fp32 out)", n, D, B,
-        (B * n + B * D) * isz + n * D * acc, shape, machine, 0.0,
-    )))  # fmt: skip
-    costs.append(per_chunk(lambda n: _torch_pass(
-        "backward", "column-norm term + write dW_c once", n * D * (acc + 2 * isz), machine, 1
-    )))  # fmt: skip
+    costs.append(
+        per_chunk(
+            lambda n: gemm_cost(
+                "backward",
+                "chunk GEMM recompute z (fp32 out)",
+                B,
+                n,
+                D,
+                (B * D + n * D) * isz + B * n * lsz,
+                shape,
+                machine,
+                n / S,
+            )
+        )
+    )
+    costs.append(
+        per_chunk(
+            lambda n: _epilogue(
+                "backward",
+                "dz epilogue (fp32 in, 16-bit dz out)",
+                blocks,
+                threads,
+                B * n,
+                B * n * (lsz + isz),
+                "epilogue_bwd",
+                shape,
+                machine,
+            )
+        )
+    )
+    costs.append(
+        per_chunk(
+            lambda n: gemm_cost(
+                "backward",
+                "chunk GEMM dX += dz W_c",
+                B,
+                D,
+                n,
+                (B * n + n * D) * isz + 2 * B * D * acc,
+                shape,
+                machine,
+                n / S,
+            )
+        )
+    )
+    costs.append(
+        per_chunk(
+            lambda n: gemm_cost(
+                "backward",
+                "chunk GEMM H_c = dz^T x (fp32 out)",
+                n,
+                D,
+                B,
+                (B * n + B * D) * isz + n * D * acc,
+                shape,
+                machine,
+                0.0,
+            )
+        )
+    )
+    costs.append(
+        per_chunk(
+            lambda n: _torch_pass(
+                "backward",
+                "column-norm term + write dW_c once",
+                n * D * (acc + 2 * isz),
+                machine,
+                1,
+            )
+        )
+    )
     costs[-1].dw_passes = 1.0
     if S != C:
-        costs.append(_torch_pass("backward", "zero-fill unsampled dW rows",
-                                 (C - S) * D * isz, machine))  # fmt: skip
-    costs.append(_torch_pass("backward", "row terms, dX cast (O(B D))", 10 * B * D * acc,
-                             machine, ops=8))  # fmt: skip
+        costs.append(
+            _torch_pass("backward", "zero-fill unsampled dW rows", (C - S) * D * isz, machine)
+        )
+    costs.append(
+        _torch_pass("backward", "row terms, dX cast (O(B D))", 10 * B * D * acc, machine, ops=8)
+    )
     return costs
 
 
@@ -976,8 +1323,12 @@ def dominant(costs: Sequence[KernelCost]) -> str:
 def _dtype_of(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-             "fp64": torch.float64}  # fmt: skip
+    names = {
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+        "fp32": torch.float32,
+        "fp64": torch.float64,
+    }
     key = dtype.replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
     key = key.replace("float32", "fp32").replace("float64", "fp64")
     if key not in names:
@@ -1116,12 +1467,28 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def summary_markdown(machine: Machine) -> str:
     rows = summary_rows(machine)
     body = [
-        (r["shape"], r["design"], f"{r['predicted_ms']:.2f}", f"{r['predicted_vs_gemm']:.2f}x",
-         f"{r['w_passes']:.0f}", f"{r['hbm_gb']:.1f}", f"{r['atomics']:.2g}", r["dominant"])
+        (
+            r["shape"],
+            r["design"],
+            f"{r['predicted_ms']:.2f}",
+            f"{r['predicted_vs_gemm']:.2f}x",
+            f"{r['w_passes']:.0f}",
+            f"{r['hbm_gb']:.1f}",
+            f"{r['atomics']:.2g}",
+            r["dominant"],
+        )
         for r in rows
-    ]  # fmt: skip
-    headers = ("shape", "design", "predicted ms", "predicted / 3 GEMMs", "W passes", "HBM GB",
-               "atomics", "largest kernel (bound, share)")  # fmt: skip
+    ]
+    headers = (
+        "shape",
+        "design",
+        "predicted ms",
+        "predicted / 3 GEMMs",
+        "W passes",
+        "HBM GB",
+        "atomics",
+        "largest kernel (bound, share)",
+    )
     return f"### {machine.name}: fwd+bwd, bf16 ArcFace, D=512 (all numbers predicted)\n\n" + (
         _md_table(headers, body)
     )
@@ -1130,16 +1497,40 @@ def summary_markdown(machine: Machine) -> str:
 def detail_markdown(machine: Machine, shape: Shape, provider: str, design: str) -> str:
     rows = detail_rows(machine, shape, provider, design)
     body = [
-        (r["phase"], r["kernel"], r["role"], f"{r['tflop']:.2f}", f"{r['hbm_gb']:.2f}",
-         f"{r['w_passes']:g}", f"{r['atomics']:.2g}", r["programs"],
-         f"{r['wave_efficiency']:.2f}", f"{r['predicted_compute_ms']:.3f}",
-         f"{r['predicted_memory_ms']:.3f}", f"{r['predicted_atomic_ms']:.3f}",
-         f"{r['predicted_ms']:.3f}", r["bound"])
+        (
+            r["phase"],
+            r["kernel"],
+            r["role"],
+            f"{r['tflop']:.2f}",
+            f"{r['hbm_gb']:.2f}",
+            f"{r['w_passes']:g}",
+            f"{r['atomics']:.2g}",
+            r["programs"],
+            f"{r['wave_efficiency']:.2f}",
+            f"{r['predicted_compute_ms']:.3f}",
+            f"{r['predicted_memory_ms']:.3f}",
+            f"{r['predicted_atomic_ms']:.3f}",
+            f"{r['predicted_ms']:.3f}",
+            r["bound"],
+        )
         for r in rows
-    ]  # fmt: skip
-    headers = ("phase", "kernel", "role", "TFLOP", "HBM GB", "W passes", "atomics", "programs",
-               "wave eff.", "compute ms (pred.)", "memory ms (pred.)", "atomics ms (pred.)",
-               "predicted ms", "bound")  # fmt: skip
+    ]
+    headers = (
+        "phase",
+        "kernel",
+        "role",
+        "TFLOP",
+        "HBM GB",
+        "W passes",
+        "atomics",
+        "programs",
+        "wave eff.",
+        "compute ms (pred.)",
+        "memory ms (pred.)",
+        "atomics ms (pred.)",
+        "predicted ms",
+        "bound",
+    )
     total = sum(r["predicted_ms"] for r in rows)
     return (
         f"#### {machine.name}, {shape.name}: {provider} {design} "
