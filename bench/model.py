@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -146,7 +147,9 @@ class Assumptions:
     # Fraction of the dense bf16 peak a Triton GEMM-shaped tile loop reaches, by the smaller and
     # larger of the tile's M x N sides (wgmma wants M >= 64, N >= 128 to stay busy).
     triton_mma_fraction: tuple[tuple[int, int, float], ...] = (
+        (128, 256, 0.80),
         (128, 128, 0.75),
+        (64, 256, 0.70),
         (64, 128, 0.65),
         (64, 64, 0.45),
         (32, 32, 0.30),
@@ -248,6 +251,7 @@ class KernelCost:
     bandwidth_cap: float = math.inf  # bytes/s the resident programs can keep in flight
     launches: int = 1
     fixed_s: float = 0.0  # launch overhead and other latency terms
+    min_s: float = 0.0  # floor (host-side issue of small torch ops)
     note: str = ""
     # filled by evaluate()
     compute_s: float = 0.0
@@ -298,7 +302,7 @@ def evaluate(cost: KernelCost, machine: Machine, a: Assumptions = ASSUMPTIONS) -
         cost.bound = "latency"  # too few bytes in flight to reach HBM bandwidth
     if cost.bound == "compute" and eff < 0.5:
         cost.bound = "compute (waves)"
-    cost.time_s = max(terms.values()) + cost.fixed_s + cost.launches * a.launch_s
+    cost.time_s = max(max(terms.values()) + cost.fixed_s + cost.launches * a.launch_s, cost.min_s)
     return cost
 
 
@@ -377,7 +381,7 @@ def w_stream_passes(
         return 1.0
     order = launch.order.lower()
     rows_fastest = (len(launch.grid) > 1 and launch.grid[0] == sharers) or bool(
-        re.search(r"row[^,;.]*fastest", order)
+        re.search(r"(row|slice)[^,;.]*fastest", order)
     )
     group = _row_group(order)
     if rows_fastest:
@@ -420,41 +424,59 @@ def cost_of_launch(
         if covered < needed:
             cost.note = f"plan covers {covered / needed:.2f} of the logits; costed as full"
             covered = needed
-        # logits (recomputed wherever the plan recomputes them: redundancy included)
-        flops = 2.0 * covered * D
-        # the second product writes each output element once: P.W (dX numerator) or P^T.X (dW)
-        second = launch.role != "forward" or needs_dx
-        if second:
-            flops += 2.0 * _padded(B, bm) * _padded(S, bn) * D
-        cost.mma_flops = flops
+        # D slices: programs that own a slice of D each recompute the full-D logits
+        slices = max(1, round(covered / needed))
         peak = mma_peak(shape, machine)
-        cost.mma_rate = peak * triton_mma_fraction(bm, bn, launch.block_k, a)
+        # logits (recomputed wherever the plan recomputes them: redundancy included), on the
+        # (block_m x block_n) tile
+        logit_flops = 2.0 * covered * D
+        logit_s = logit_flops / (peak * triton_mma_fraction(bm, bn, launch.block_k, a))
+        # the second product writes each output element once: P.W (dX numerator) or P^T.X (dW),
+        # a (rows or classes) x (D / slices) tile with K = the other tile side
+        second = launch.role != "forward" or needs_dx
+        second_flops = 2.0 * needed * D if second else 0.0
+        out_width = max(1, D // slices)
+        second_s = second_flops / (peak * triton_mma_fraction(min(bm, bn), out_width, 64, a))
+        cost.mma_flops = logit_flops + second_flops
+        cost.mma_rate = cost.mma_flops / (logit_s + second_s)
         cost.logits = covered
         cost.alu_per_logit = a.alu_per_logit[launch.role]
         if launch.role == "dw":
-            # owners: each W tile is read by the programs whose class tiles cover it
-            sharers = max(1, round(programs * launch.col_tiles_per_program * bn / _padded(S, bn)))
+            # owners: each W tile is read by the D-slice programs that cover it
+            sharers = slices
         else:
-            sharers = max(1, math.ceil(B / (bm * max(1, launch.row_tiles_per_program))))
+            sharers = max(1, math.ceil(B / (bm * max(1, launch.row_tiles_per_program)))) * slices
         cost.w_passes = w_stream_passes(launch, shape, machine, sharers, a)
         w_bytes = S * D * isz * cost.w_passes
         x_bytes = B * D * isz  # x re-reads across class tiles hit L2 (1 MB at the headline)
-        out = 0.0
         if launch.role == "forward":
-            splits = max(1, programs // max(1, math.ceil(B / bm)))
+            splits = max(1, programs // max(1, math.ceil(B / bm) * slices))
             # split partials: max, sum (+ the fp32 dX numerator and its row sums)
             out = splits * B * acc * (2 + (D + 2 if needs_dx else 0))
+            cost.note = f"{splits} class splits, {slices} D slice(s)"
         elif launch.role == "dw":
             # dW written once in W's dtype; Partial-FC also zero-fills the C - S other rows
             out = C * D * isz
             cost.dw_passes = 1.0
+            cost.note = f"{slices} D slice(s); x re-read from L2 by every class tile"
         else:
             out = B * D * isz
         cost.hbm_bytes = w_bytes + x_bytes + out + 4 * acc * B
+    elif launch.kernel == "torch" or not launch.grid:
+        # torch ops between the kernels, O(B D): launch-bound at these sizes
+        cost.programs, cost.programs_per_sm, cost.bandwidth_cap = 10**6, 16, math.inf
+        if launch.role == "merge":
+            splits = max(1, launch.col_tiles_per_program)
+            cost.hbm_bytes = B * acc * (2 + (D + 2 if needs_dx else 0)) * (splits + 1)
+            ops = 6 + (3 if needs_dx else 0)
+        else:
+            cost.hbm_bytes = 12.0 * B * D * acc
+            ops = 12
+        cost.launches = ops
+        cost.min_s = ops * a.torch_op_s
+        cost.note = f"torch, ~{ops} ops"
     else:
-        rows = {"row_norms": B, "col_norms": S, "target": B, "merge": B}.get(
-            launch.role, programs * max(1, launch.block_m)
-        )
+        rows = programs * max(1, launch.block_m)
         if launch.role == "col_norms":
             cost.hbm_bytes = S * D * isz + S * acc
             cost.w_passes = 1.0
@@ -463,11 +485,10 @@ def cost_of_launch(
         elif launch.role == "target":
             cost.hbm_bytes = 2 * B * D * isz + 8 * B * acc
         elif launch.role == "merge":
-            splits = max(1, programs)
+            splits = max(1, launch.col_tiles_per_program)
             cost.hbm_bytes = B * acc * (2 + (D if needs_dx else 0)) * (splits + 1)
         else:  # "rowwise": read and write `rows` rows of D elements
             cost.hbm_bytes = 2.0 * rows * D * isz
-        cost.mma_flops = 0.0
     return cost
 
 
@@ -562,6 +583,19 @@ def reference_new_plan(shape: Shape, needs_dx: bool, needs_dw: bool, num_sms: in
     return launches
 
 
+def use_triton_config(path: Path) -> None:
+    """Read the new Triton plan from a ``config.py`` file (pure Python, loaded by path), e.g. a
+    branch's copy before it is merged; replaces the imported or fallback plan."""
+    global triton_plan, HAS_TRITON_PLAN
+    spec = importlib.util.spec_from_file_location("_triton_config_under_model", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot load a Triton config from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    triton_plan, HAS_TRITON_PLAN = module.plan, True
+
+
 def new_triton_launches(shape: Shape, needs_dx: bool, needs_dw: bool, machine: Machine):
     """(launches, source): the launchers' plan when importable, else the model's reading."""
     if HAS_TRITON_PLAN:
@@ -581,13 +615,42 @@ def new_triton_launches(shape: Shape, needs_dx: bool, needs_dw: bool, machine: M
     return reference_new_plan(shape, needs_dx, needs_dw, machine.num_sms), "model's reading"
 
 
-def new_triton_costs(shape: Shape, machine: Machine, backward: bool) -> list[KernelCost]:
-    """Costs of every launch of the new Triton design (forward, + backward when ``backward``)."""
+TRITON_WHAT_IFS = ("block_n=128", "overlap")
+
+
+def _wider_classes(launch: Launch, shape: Shape) -> Launch:
+    """The same launch with 128-class tiles (W tile streamed in 64-wide K steps)."""
+    if launch.role not in GEMM_ROLES or launch.block_n >= 128:
+        return launch
+    factor = 128 // max(1, launch.block_n)
+    if launch.role == "dw":
+        grid = (math.ceil(launch.grid[0] / factor), *launch.grid[1:])
+        return replace(launch, block_n=128, block_k=min(launch.block_k, 64), grid=grid)
+    per_program = math.ceil(launch.col_tiles_per_program / factor)
+    return replace(launch, block_n=128, block_k=min(launch.block_k, 64),
+                   col_tiles_per_program=per_program)  # fmt: skip
+
+
+def new_triton_costs(
+    shape: Shape, machine: Machine, backward: bool, what_if: Sequence[str] = ()
+) -> list[KernelCost]:
+    """Costs of every launch of the new Triton design (forward, + backward when ``backward``).
+
+    ``what_if`` variants (none by default): "block_n=128" — forward and dW tiles of 128 classes
+    (the logits product on a 64 x 128 tile); "overlap" — exponentials overlapped with the MMAs
+    (warp specialisation / ping-pong), so compute = max(MMA, epilogue)."""
+    unknown = set(what_if) - set(TRITON_WHAT_IFS)
+    if unknown:
+        raise ValueError(f"unknown Triton what-ifs {sorted(unknown)}; known: {TRITON_WHAT_IFS}")
     launches, _ = new_triton_launches(shape, backward, backward, machine)
     if not backward:
         launches = [launch for launch in launches if launch.phase == "forward"]
+    if "block_n=128" in what_if:
+        launches = [_wider_classes(launch, shape) for launch in launches]
+    a = replace(ASSUMPTIONS, epilogue_overlaps_mma=True) if "overlap" in what_if else ASSUMPTIONS
     return [
-        evaluate(cost_of_launch(launch, shape, machine, backward), machine) for launch in launches
+        evaluate(cost_of_launch(launch, shape, machine, backward, a), machine, a)
+        for launch in launches
     ]
 
 
@@ -611,7 +674,7 @@ def _torch_pass(phase, name, bytes_, machine, ops=1):
     """A torch element-wise op (or ``ops`` of them) over ``bytes_`` of traffic."""
     cost = KernelCost(phase, name, "torch", hbm_bytes=bytes_, programs=10**6, launches=ops)
     cost.programs_per_sm = 16
-    cost.fixed_s = ops * (ASSUMPTIONS.torch_op_s - ASSUMPTIONS.launch_s)
+    cost.min_s = ops * ASSUMPTIONS.torch_op_s
     return evaluate(cost, machine)
 
 
@@ -1111,14 +1174,15 @@ class _ModelChunkPlan:
 
 
 def reference_chunk_plan(shape: Shape, chunk_bytes: int = 256 * MiB) -> _ModelChunkPlan:
-    """S_c = chunk_bytes / (B x 4) classes of fp32 logits per chunk; the epilogue splits each
-    row's classes so that at least 4 blocks per SM run."""
-    B, S = shape.batch, shape.sampled
-    per_chunk = max(1, min(S, chunk_bytes // (max(1, B) * 4)))
+    """S_c = chunk_bytes / per_class, per_class = 4 B (fp32 logits) + 2 B (16-bit dz) + 4 D (fp32
+    H_c); the epilogue splits each row's classes until ~8 blocks per SM run."""
+    B, S, D = shape.batch, shape.sampled, shape.dim
+    per_class = 4 * B + (shape.itemsize * B + 4 * D if shape.itemsize < 4 else 0)
+    per_chunk = max(1, min(S, chunk_bytes // per_class))
     chunks = math.ceil(S / per_chunk)
-    splits = max(1, math.ceil(4 * 132 / max(1, B)))
+    splits = max(1, min(math.ceil(8 * 132 / max(1, B)), per_chunk // 1024))
     return _ModelChunkPlan(
-        per_chunk, chunks, torch.float32, (B, splits), 256, chunk_bytes + 4 * B * shape.dim * 4
+        per_chunk, chunks, torch.float32, (B, splits), 256, per_chunk * per_class + 40 * B * D
     )
 
 
@@ -1138,11 +1202,29 @@ def new_cuda_plan(shape: Shape):
     return reference_chunk_plan(shape), "model's reading"
 
 
-def new_cuda_costs(shape: Shape, machine: Machine, backward: bool) -> list[KernelCost]:
-    """Class chunks: per chunk of S_c classes and all B rows, z_c = x W_c^T (cuBLAS, fp32 out),
-    the online-LSE epilogue; backward: recompute z_c, the epilogue writes dz (16-bit operand for
-    the second GEMMs), dX += dz W_c (fp32 accumulate), H_c = dz^T x (fp32) and one pass that
-    applies the column-norm term and writes dW_c once in W's dtype."""
+CUDA_FIXES = ("dz16", "fused_chain", "norms_once")
+
+
+def new_cuda_costs(
+    shape: Shape, machine: Machine, backward: bool, fixes: frozenset[str] = frozenset()
+) -> list[KernelCost]:
+    """Class chunks as the launcher runs them (the ``chunk_plan`` sizes, the torch ops of the
+    class-chunk ``_ChunkedMarginLSE``). Per chunk of S_c classes and all B rows:
+
+    forward: W_c's norms (a pass over W_c), z_c = x W_c^T (cuBLAS, fp32 out), the online-LSE
+    epilogue (reads z_c);
+    backward: W_c's norms again, z_c recomputed (fp32 out), the epilogue overwrites z_c with dz in
+    fp32, a torch cast of dz to 16 bits (the GEMM operand), dX += dz W_c (fp32 out), H_c = dz^T x
+    (fp32 out), the column-norm term in torch (raw norms, W_c cast to fp32, row dots H_c . W_c,
+    ``addcmul_``) and a copy of H_c into dW's rows in W's dtype.
+
+    ``fixes`` (what-if variants, none by default): "dz16" — the backward epilogue writes dz
+    straight into the 16-bit operand buffer (no fp32 write, no cast pass); "fused_chain" — one
+    kernel reads H_c (fp32) and W_c and writes dW_c with the column-norm term; "norms_once" — W's
+    norms from the forward are kept (4 bytes a class) instead of recomputed per chunk."""
+    unknown = set(fixes) - set(CUDA_FIXES)
+    if unknown:
+        raise ValueError(f"unknown CUDA what-if fixes {sorted(unknown)}; known: {CUDA_FIXES}")
     B, S, C, D = shape.batch, shape.sampled, shape.num_classes, shape.dim
     isz, acc = shape.itemsize, shape.acc_size
     plan, _ = new_cuda_plan(shape)
@@ -1150,11 +1232,11 @@ def new_cuda_costs(shape: Shape, machine: Machine, backward: bool) -> list[Kerne
     lsz = torch.empty((), dtype=plan.logits_dtype).element_size()
     blocks = math.prod(plan.epilogue_grid)
     threads = plan.threads_per_block
+    half = isz < lsz  # 16-bit storage: dz cast, fp32 H_c beside dW
+    sampled = S != C
     full, last = divmod(S, sc)
     sizes = [sc] * full + ([last] if last else [])
-    costs = [
-        _torch_pass("forward", "norms of x, W, W_y; c_y", (S * D + 4 * B * D) * isz, machine, 8)
-    ]
+    costs = [_torch_pass("forward", "norms of x, W_y; c_y (O(B D))", 6 * B * D * isz, machine, 6)]
 
     def per_chunk(build):
         merged = None
@@ -1167,117 +1249,101 @@ def new_cuda_costs(shape: Shape, machine: Machine, backward: bool) -> list[Kerne
         merged.kernel = merged.kernel.split(" [x")[0] + f" [x{chunks}]"
         return merged
 
+    def w_pass(phase, name, bytes_per_elt, ops=1, passes=1.0):
+        cost = per_chunk(lambda n: _torch_pass(phase, name, n * D * bytes_per_elt, machine, ops))
+        cost.w_passes = passes
+        return cost
+
+    if sampled:
+        costs.append(w_pass("forward", "index_select W_c (Partial-FC gather)", 2 * isz, 1, 1.0))
+    costs.append(w_pass("forward", "norms of W_c (torch)", isz, 2, 1.0))
     costs.append(
         per_chunk(
             lambda n: gemm_cost(
-                "forward",
-                "chunk GEMM z = x W_c^T (fp32 out)",
-                B,
-                n,
-                D,
-                (B * D + n * D) * isz + B * n * lsz,
-                shape,
-                machine,
-                n / S,
+                "forward", "GEMM z_c = x W_c^T (fp32 out)", B, n, D,
+                (B * D + n * D) * isz + B * n * lsz, shape, machine, n / S,
             )
         )
-    )
+    )  # fmt: skip
     costs.append(
         per_chunk(
             lambda n: _epilogue(
-                "forward",
-                "LSE epilogue (online merge)",
-                blocks,
-                threads,
-                B * n,
-                B * n * lsz,
-                "epilogue_fwd",
-                shape,
-                machine,
+                "forward", "margin_lse_fwd (online LSE)", blocks, threads, B * n, B * n * lsz,
+                "epilogue_fwd", shape, machine,
             )
         )
-    )
-    costs[-1].note = f"S_c = {sc} classes per chunk, {chunks} chunks, {blocks} blocks"
+    )  # fmt: skip
+    costs[-1].note = f"S_c = {sc} classes, {chunks} chunks, {blocks} blocks of {threads}"
     if not backward:
         return costs
+    if sampled:
+        costs.append(_torch_pass("backward", "zeros dW (Partial-FC)", C * D * isz, machine))
+        costs.append(w_pass("backward", "index_select W_c (Partial-FC gather)", 2 * isz, 1, 1.0))
+    if "norms_once" not in fixes:
+        costs.append(w_pass("backward", "norms of W_c again (torch)", isz, 2, 1.0))
     costs.append(
         per_chunk(
             lambda n: gemm_cost(
-                "backward",
-                "chunk GEMM recompute z (fp32 out)",
-                B,
-                n,
-                D,
-                (B * D + n * D) * isz + B * n * lsz,
-                shape,
-                machine,
-                n / S,
+                "backward", "GEMM recompute z_c (fp32 out)", B, n, D,
+                (B * D + n * D) * isz + B * n * lsz, shape, machine, n / S,
             )
         )
-    )
+    )  # fmt: skip
     costs.append(
         per_chunk(
             lambda n: _epilogue(
-                "backward",
-                "dz epilogue (fp32 in, 16-bit dz out)",
-                blocks,
-                threads,
-                B * n,
-                B * n * (lsz + isz),
-                "epilogue_bwd",
-                shape,
-                machine,
+                "backward", "margin_lse_bwd (dz in place, fp32)", blocks, threads, B * n,
+                B * n * (lsz + (isz if "dz16" in fixes else lsz)), "epilogue_bwd", shape, machine,
             )
         )
-    )
-    costs.append(
-        per_chunk(
-            lambda n: gemm_cost(
-                "backward",
-                "chunk GEMM dX += dz W_c",
-                B,
-                D,
-                n,
-                (B * n + n * D) * isz + 2 * B * D * acc,
-                shape,
-                machine,
-                n / S,
-            )
-        )
-    )
-    costs.append(
-        per_chunk(
-            lambda n: gemm_cost(
-                "backward",
-                "chunk GEMM H_c = dz^T x (fp32 out)",
-                n,
-                D,
-                B,
-                (B * n + B * D) * isz + n * D * acc,
-                shape,
-                machine,
-                0.0,
-            )
-        )
-    )
-    costs.append(
-        per_chunk(
-            lambda n: _torch_pass(
-                "backward",
-                "column-norm term + write dW_c once",
-                n * D * (acc + 2 * isz),
-                machine,
-                1,
-            )
-        )
-    )
-    costs[-1].dw_passes = 1.0
-    if S != C:
+    )  # fmt: skip
+    if half and "dz16" not in fixes:
         costs.append(
-            _torch_pass("backward", "zero-fill unsampled dW rows", (C - S) * D * isz, machine)
+            per_chunk(
+                lambda n: _torch_pass(
+                    "backward", "cast dz fp32 -> 16-bit (torch)", B * n * (lsz + isz), machine
+                )
+            )
         )
     costs.append(
-        _torch_pass("backward", "row terms, dX cast (O(B D))", 10 * B * D * acc, machine, ops=8)
+        per_chunk(
+            lambda n: gemm_cost(
+                "backward", "GEMM dX += dz W_c (fp32 out + add)", B, D, n,
+                (B * n + n * D) * isz + 3 * B * D * acc, shape, machine, n / S,
+            )
+        )
+    )  # fmt: skip
+    costs.append(
+        per_chunk(
+            lambda n: gemm_cost(
+                "backward", "GEMM H_c = dz^T x (fp32 out)", n, D, B,
+                (B * n + B * D) * isz + n * D * (acc if half else isz), shape, machine, 0.0,
+            )
+        )
+    )  # fmt: skip
+    if "fused_chain" in fixes:
+        # one pass: read H_c and W_c, write dW_c in W's dtype
+        costs.append(
+            w_pass("backward", "column-norm term + dW_c write (fused)", acc + 2 * isz, 1, 1.0)
+        )
+        costs[-1].dw_passes = 1.0
+        if sampled:
+            costs.append(w_pass("backward", "scatter dW_c rows (Partial-FC)", 3 * isz, 1))
+    else:
+        # torch: raw norm (read W_c); W_c.to(fp32) (read, write fp32); einsum H_c . W_c (read
+        # both fp32); addcmul_ (read H_c, W_c, write H_c)
+        chain = isz + (isz + acc) + 2 * acc + (2 * acc + isz) if half else 5 * acc
+        costs.append(w_pass("backward", "column-norm term on H_c (torch)", chain, 6, 3.0))
+        costs[-1].note = "reads W_c three more times and H_c (fp32) three times"
+        if sampled:
+            # h_c.to(W dtype), then index_add_/index_put_ into the zeroed dW rows
+            costs.append(w_pass("backward", "H_c -> dW rows (cast + scatter)", acc + 4 * isz, 2))
+            costs[-1].dw_passes = 1.0
+        elif half:
+            costs.append(w_pass("backward", "copy H_c (fp32) into dW rows", acc + isz, 1))
+            costs[-1].dw_passes = 1.0
+    costs.append(
+        _torch_pass("backward", "row terms, dX cast (O(B D))", 12 * B * D * acc, machine, 14)
     )
     return costs
 
@@ -1538,6 +1604,54 @@ def detail_markdown(machine: Machine, shape: Shape, provider: str, design: str) 
     )
 
 
+WHAT_IF_SHAPES = ("headline", "C=1e7")
+
+
+def what_if_rows(machine: Machine) -> list[dict]:
+    """The new designs with the changes the model suggests, one at a time and together."""
+    variants = [
+        ("triton", "as planned", lambda sh: new_triton_costs(sh, machine, True)),
+        ("triton", "block_n=128", lambda sh: new_triton_costs(sh, machine, True, ["block_n=128"])),
+        ("triton", "exp overlapped", lambda sh: new_triton_costs(sh, machine, True, ["overlap"])),
+        ("triton", "both", lambda sh: new_triton_costs(sh, machine, True, TRITON_WHAT_IFS)),
+        ("cuda", "as planned", lambda sh: new_cuda_costs(sh, machine, True)),
+        ("cuda", "16-bit dz from the epilogue",
+         lambda sh: new_cuda_costs(sh, machine, True, frozenset({"dz16"}))),
+        ("cuda", "fused column-norm + dW write",
+         lambda sh: new_cuda_costs(sh, machine, True, frozenset({"fused_chain"}))),
+        ("cuda", "all three (+ W norms kept)",
+         lambda sh: new_cuda_costs(sh, machine, True, frozenset(CUDA_FIXES))),
+    ]  # fmt: skip
+    rows = []
+    for shape in (s for s in SHAPES if s.name in WHAT_IF_SHAPES):
+        gemm = total_ms(gemm_baseline_costs(shape, machine, True))
+        for backend, label, build in variants:
+            ms = total_ms(build(shape))
+            rows.append(
+                {
+                    "machine": machine.name,
+                    "shape": shape.name,
+                    "backend": backend,
+                    "variant": label,
+                    "predicted_ms": ms,
+                    "predicted_vs_gemm": ms / gemm,
+                }
+            )
+    return rows
+
+
+def what_if_markdown(machine: Machine) -> str:
+    body = [
+        (r["shape"], r["backend"], r["variant"], f"{r['predicted_ms']:.2f}",
+         f"{r['predicted_vs_gemm']:.2f}x")
+        for r in what_if_rows(machine)
+    ]  # fmt: skip
+    headers = ("shape", "backend", "variant", "predicted ms", "predicted / 3 GEMMs")
+    return f"### {machine.name}: what-if variants of the new designs (predicted)\n\n" + (
+        _md_table(headers, body)
+    )
+
+
 def sources() -> str:
     """Where the new designs' configurations came from."""
     triton_src = (
@@ -1553,13 +1667,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     parser.add_argument("--csv", type=Path, help="write the summary rows as CSV here")
     parser.add_argument("--details", action="store_true", help="print per-kernel tables too")
+    parser.add_argument(
+        "--triton-config",
+        type=Path,
+        help="take the new Triton plan from this config.py (default: the installed package's)",
+    )
     args = parser.parse_args(argv)
+    if args.triton_config:
+        use_triton_config(args.triton_config)
     keys = ("h100", "h200") if args.machine == "both" else (args.machine,)
     parts = [f"All times are predicted by bench/model.py, not measured ({sources()}).", ""]
     rows = []
     for key in keys:
         machine = MACHINES[key]
-        parts += [summary_markdown(machine), ""]
+        parts += [summary_markdown(machine), "", what_if_markdown(machine), ""]
         rows += summary_rows(machine)
         if args.details:
             headline = SHAPES[0]
