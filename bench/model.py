@@ -424,8 +424,10 @@ def cost_of_launch(
         if covered < needed:
             cost.note = f"plan covers {covered / needed:.2f} of the logits; costed as full"
             covered = needed
-        # D slices: programs that own a slice of D each recompute the full-D logits
+        # D slices: programs that own a slice of D each recompute the full-D logits; the rest of
+        # covered / needed is the short last split (its programs stop at the last class tile)
         slices = max(1, round(covered / needed))
+        covered = min(covered, slices * needed)
         peak = mma_peak(shape, machine)
         # logits (recomputed wherever the plan recomputes them: redundancy included), on the
         # (block_m x block_n) tile
