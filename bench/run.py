@@ -742,6 +742,56 @@ def _fmt(value: object) -> object:
     return value
 
 
+# --------------------------------------------------------------------------------------------
+# predictions of bench/model.py beside the measurements
+# --------------------------------------------------------------------------------------------
+MODELLED_PROVIDERS = ("triton", "cuda", GEMM_PROVIDER)
+_MODEL_CACHE: list = []
+
+
+def _performance_model():
+    """bench/model.py, loaded by path once (bench/ is not a package); None if it fails to load."""
+    if not _MODEL_CACHE:
+        try:
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location(
+                "bench_performance_model", Path(__file__).with_name("model.py")
+            )
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        except (ImportError, OSError, AttributeError):
+            module = None
+        _MODEL_CACHE.append(module)
+    return _MODEL_CACHE[0]
+
+
+def predicted_for(provider: str, case: Case, device: str) -> dict | None:
+    """bench/model.py's prediction for a measured row, when the provider is modelled and the
+    device is an H100 or H200 (None otherwise, e.g. on CPU)."""
+    name = device.lower()
+    machine = "h200" if "h200" in name else "h100" if "h100" in name else None
+    model = _performance_model() if machine and provider in MODELLED_PROVIDERS else None
+    if model is None:
+        return None
+    shape = case.shape
+    try:
+        return model.predict(
+            provider,
+            shape.batch,
+            shape.classes,
+            shape.dim,
+            shape.dtype,
+            case.spec.kind,
+            shape.sample_rate,
+            shape.mode,
+            machine=machine,
+        )
+    except ValueError:
+        return None
+
+
 def gemm_tflop(case: Case, sampled_classes: int) -> float:
     """Useful GEMM work in TFLOP: 2 B S D for the forward logits, 3x that with the backward
     (dX and dW are GEMMs of the same size); recomputation inside a provider is not counted."""
@@ -816,6 +866,18 @@ def sweep(config: dict, providers: dict[str, Provider], device: torch.device, ar
                 gemm_ms[case.shape] = result.time_ms
             work_tflop = gemm_tflop(case, result.sampled_classes or case.shape.classes)
             seconds = result.time_ms * 1e-3
+            predicted = predicted_for(provider.name, case, env["device"])
+            if predicted is not None:
+                ratio = result.time_ms / predicted["predicted_ms"]
+                result.notes.append(
+                    f"predicted {predicted['predicted_ms']:.4g} ms by bench/model.py "
+                    f"({predicted['machine']}), measured/predicted {ratio:.2f}"
+                )
+                if result.status == "ok":
+                    say(
+                        f"{provider.name} {label} {_shape_label(case.shape)}: measured "
+                        f"{result.time_ms:.4g} ms, predicted {predicted['predicted_ms']:.4g} ms"
+                    )
             sink.write(
                 {
                     **env,

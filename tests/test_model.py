@@ -210,3 +210,17 @@ def test_cli_labels_every_number_predicted(model, tmp_path, capsys):
         rows = list(csv.DictReader(handle))
     assert rows and all(r["label"] == "predicted" for r in rows)
     assert {r["machine"] for r in rows} == {"H200"}
+
+
+def test_bench_run_puts_predictions_beside_h100_and_h200_rows():
+    spec = importlib.util.spec_from_file_location("bench_run_for_model", REPO / "bench" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = run
+    spec.loader.exec_module(run)
+    case = run.Case("arcface", run.Shape("bf16", "fwd+bwd", 1024, 100_000, 512, 1.0))
+    assert run.predicted_for("triton", case, "cpu") is None
+    assert run.predicted_for("torch", case, "NVIDIA H100 80GB HBM3") is None
+    out = run.predicted_for("triton", case, "NVIDIA H100 80GB HBM3")
+    assert out["label"] == "predicted" and out["machine"] == "H100 SXM"
+    h200 = run.predicted_for("gemm", case, "NVIDIA H200")
+    assert h200["machine"] == "H200" and h200["predicted_vs_gemm"] == pytest.approx(1.0)
