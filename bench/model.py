@@ -665,9 +665,10 @@ OLD_DET_TILE = (64, 64, 32, 8, 2, 128)  # _tiles(bf16).det, last: BLOCK_OUT
 OLD_ROW_TILE = (16, 64)  # _row_tile(bf16): rows, K slice; num_warps 4
 
 
-def _old_row_kernel(phase, kernel, rows, bytes_, shape, machine, role="rowwise"):
+def _old_row_kernel(phase, kernel, rows, bytes_, shape, machine, w_passes=0.0):
+    role = "rowwise"
     programs = math.ceil(rows / OLD_ROW_TILE[0])
-    cost = KernelCost(phase, kernel, role, hbm_bytes=bytes_, programs=programs)
+    cost = KernelCost(phase, kernel, role, hbm_bytes=bytes_, programs=programs, w_passes=w_passes)
     cost.programs_per_sm = programs_per_sm(role, 4)
     return evaluate(cost, machine)
 
@@ -693,7 +694,7 @@ def old_triton_costs(
     a = ASSUMPTIONS
     costs = [
         _old_row_kernel("forward", "_row_norm_kernel (x)", B, B * D * isz, shape, machine),
-        _old_row_kernel("forward", "_row_norm_kernel (W)", S, S * D * isz, shape, machine),
+        _old_row_kernel("forward", "_row_norm_kernel (W)", S, S * D * isz, shape, machine, 1.0),
         _old_row_kernel("forward", "_target_kernel", B, 2 * B * D * isz, shape, machine),
     ]
     bm, bn, bk, warps, stages = OLD_FWD_TILE
@@ -848,6 +849,7 @@ def old_triton_costs(
             S * D * (2 * acc + isz),
             shape,
             machine,
+            1.0,
         )
     )
     costs.append(
@@ -1251,7 +1253,7 @@ def new_cuda_costs(
         merged.kernel = merged.kernel.split(" [x")[0] + f" [x{chunks}]"
         return merged
 
-    def w_pass(phase, name, bytes_per_elt, ops=1, passes=1.0):
+    def w_pass(phase, name, bytes_per_elt, ops=1, passes=0.0):
         cost = per_chunk(lambda n: _torch_pass(phase, name, n * D * bytes_per_elt, machine, ops))
         cost.w_passes = passes
         return cost
