@@ -157,6 +157,8 @@ class Assumptions:
     )
     # K steps narrower than 64 add per-step overhead (fewer MMAs per barrier)
     narrow_k_factor: float = 0.85
+    # register-blocked FMA tiles (fp32 without TF32, fp64): fraction of the FMA rate
+    fma_tile_fraction: float = 0.5
     # element-wise work per logit (issue-slot instructions, then MUFU exp2) by role
     alu_per_logit: dict = field(
         default_factory=lambda: {
@@ -319,6 +321,23 @@ def triton_mma_fraction(block_m: int, block_n: int, block_k: int, a: Assumptions
     return fraction
 
 
+def uses_tensor_cores(shape: Shape) -> bool:
+    """16-bit inputs always, fp32 when torch allows TF32; fp32 "highest" and fp64 run on FMAs."""
+    if shape.dtype in (torch.bfloat16, torch.float16):
+        return True
+    return shape.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+
+
+def tile_rate(
+    shape: Shape, machine: Machine, block_m: int, block_n: int, block_k: int, a=ASSUMPTIONS
+) -> float:
+    """FLOP/s of a Triton tile loop: the tensor-core fraction of the peak by tile shape, or a
+    fixed fraction of the FMA rate for register-blocked FMA tiles."""
+    if uses_tensor_cores(shape):
+        return mma_peak(shape, machine) * triton_mma_fraction(block_m, block_n, block_k, a)
+    return mma_peak(shape, machine) * a.fma_tile_fraction
+
+
 def mma_peak(shape: Shape, machine: Machine) -> float:
     """Tensor-core (or FMA) peak for the shape's dtype: bf16/fp16 dense, TF32 when allowed,
     else plain fp32 FMA; fp64 at the fp32 FMA rate over 2 (H100 fp64 is ~half of fp32)."""
@@ -428,17 +447,16 @@ def cost_of_launch(
         # covered / needed is the short last split (its programs stop at the last class tile)
         slices = max(1, round(covered / needed))
         covered = min(covered, slices * needed)
-        peak = mma_peak(shape, machine)
         # logits (recomputed wherever the plan recomputes them: redundancy included), on the
         # (block_m x block_n) tile
         logit_flops = 2.0 * covered * D
-        logit_s = logit_flops / (peak * triton_mma_fraction(bm, bn, launch.block_k, a))
+        logit_s = logit_flops / tile_rate(shape, machine, bm, bn, launch.block_k, a)
         # the second product writes each output element once: P.W (dX numerator) or P^T.X (dW),
         # a (rows or classes) x (D / slices) tile with K = the other tile side
         second = launch.role != "forward" or needs_dx
         second_flops = 2.0 * needed * D if second else 0.0
         out_width = max(1, D // slices)
-        second_s = second_flops / (peak * triton_mma_fraction(min(bm, bn), out_width, 64, a))
+        second_s = second_flops / tile_rate(shape, machine, min(bm, bn), out_width, 64, a)
         cost.mma_flops = logit_flops + second_flops
         cost.mma_rate = cost.mma_flops / (logit_s + second_s)
         cost.logits = covered
@@ -690,7 +708,6 @@ def old_triton_costs(
     pass over the fp32 dW, a dense fp32 dW for Partial-FC, and the casts."""
     B, S, C, D = shape.batch, shape.sampled, shape.num_classes, shape.dim
     isz, acc = shape.itemsize, shape.acc_size
-    peak = mma_peak(shape, machine)
     a = ASSUMPTIONS
     costs = [
         _old_row_kernel("forward", "_row_norm_kernel (x)", B, B * D * isz, shape, machine),
@@ -761,7 +778,7 @@ def old_triton_costs(
         # every feature slice recomputes the full-D logits of all its rows x all classes
         logits = slices * _padded(B, bm) * _padded(S, bn)
         rows.mma_flops = 2.0 * logits * D + 2.0 * _padded(B, bm) * _padded(S, bn) * D
-        rows.mma_rate = peak * triton_mma_fraction(bm, bn, bk)
+        rows.mma_rate = tile_rate(shape, machine, bm, bn, bk)
         rows.logits = logits
         rows.alu_per_logit = a.alu_per_logit["det_rows"]
         rows.programs_per_sm = programs_per_sm("det_rows", warps)
@@ -821,7 +838,7 @@ def old_triton_costs(
         )
         logits = _padded(B, bm) * _padded(S, bn)
         fused.mma_flops = 3 * 2.0 * logits * D  # recompute, dX, dW
-        fused.mma_rate = peak * triton_mma_fraction(bm, bn, bk)
+        fused.mma_rate = tile_rate(shape, machine, bm, bn, bk)
         fused.logits = logits
         fused.alu_per_logit = a.alu_per_logit["fused_bwd"]
         fused.programs_per_sm = programs_per_sm("fused_bwd", warps)
