@@ -143,8 +143,12 @@ _CAPABILITIES: dict[int, tuple[int, int]] = {}
 
 def arch_reason(device: torch.device) -> str | None:
     """Why the loaded ``_C`` has no kernels for the GPU ``device`` (None when it has, when the
-    device is not a GPU, or when the build recorded no architectures)."""
+    device is not a GPU or no GPU is visible, or when the build recorded no architectures).
+    Not checked while torch.compile traces: there a missing architecture surfaces as CUDA's own
+    "no kernel image" error at the launch."""
     if not HAS_CUDA_EXT or device.type != "cuda" or BUILD_INFO is None:
+        return None
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
         return None
     sass, ptx = BUILD_INFO.get("SASS_ARCHS") or [], BUILD_INFO.get("PTX_ARCHS") or []
     if not sass and not ptx:

@@ -246,6 +246,7 @@ def test_arch_reason_names_gpu_and_fix(monkeypatch):
     monkeypatch.setattr(_extension, "HAS_CUDA_EXT", True)
     monkeypatch.setattr(_extension, "BUILD_INFO", {"SASS_ARCHS": ["sm_90"], "PTX_ARCHS": []})
     monkeypatch.setattr(_extension, "_CAPABILITIES", {0: (10, 0), 1: (9, 0)})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     text = _extension.arch_reason(torch.device("cuda:0"))
     assert "sm_90" in text and "sm_100" in text and "TORCH_CUDA_ARCH_LIST=10.0" in text
     assert _extension.arch_reason(torch.device("cuda:1")) is None
