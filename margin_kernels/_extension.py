@@ -21,7 +21,8 @@ as it is: there is nothing to check it against.
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import importlib.machinery
+import os
 import re
 import warnings
 from typing import Any
@@ -52,6 +53,9 @@ REBUILD_HINT = (
 
 class ExtensionWarning(UserWarning):
     """The compiled extension cannot be used on this machine (issued once per process)."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _read_build_info() -> dict[str, Any] | None:
@@ -87,7 +91,9 @@ def _load() -> tuple[bool, str | None]:
         mismatch = _torch_mismatch(BUILD_INFO)
         if mismatch is not None:
             return False, mismatch
-    if importlib.util.find_spec("margin_kernels._C") is None:
+    # Only this package's own directory: a meta-path finder (an editable install of another
+    # checkout) must not supply a _C built from other sources.
+    if importlib.machinery.PathFinder.find_spec("margin_kernels._C", [_PACKAGE_DIR]) is None:
         return False, (
             "the compiled CUDA extension margin_kernels._C is not in this installation (it was "
             "installed or checked out without building it)"
