@@ -120,7 +120,9 @@ def _extension():
         return (
             [],
             {},
-            "torch is not installed (install torch first, then build with --no-build-isolation)",
+            "torch is not importable in the build environment (pip's default build isolation "
+            "hides the installed torch: install torch first, then build with "
+            "--no-build-isolation)",
         )
     if torch.version.cuda is None:
         return [], {}, f"torch {torch.__version__} is a CPU-only build"
