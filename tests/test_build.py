@@ -55,3 +55,30 @@ def test_extension_is_built_where_it_can_be():
     else:
         spec = MarginSpec.cosface()
         assert cuda_backend.unavailable_reason(torch.device("cuda"), spec) is not None
+
+
+def _source_record() -> str | None:
+    path = ROOT / "margin_kernels" / "_build_info.py"
+    return path.read_text() if path.exists() else None
+
+
+def test_build_without_extension_records_why(tmp_path):
+    source_before = _source_record()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MARGIN_KERNELS_")}
+    run = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+        cwd=ROOT,
+        env={**clean, "MARGIN_KERNELS_SKIP_CUDA_BUILD": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    record = tmp_path / "margin_kernels" / "_build_info.py"
+    fields: dict = {}
+    exec(record.read_text(), fields)
+    assert fields["EXTENSION_BUILT"] is False
+    assert fields["SKIP_REASON"] == "MARGIN_KERNELS_SKIP_CUDA_BUILD is set"
+    assert (tmp_path / "margin_kernels" / "py.typed").exists()
+    # Only in-place and editable builds write the record into the source tree.
+    assert _source_record() == source_before

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from margin_kernels import data as mkdata
-from margin_kernels import demo
+from demo import data as mkdata
+from demo import run as demo
 from margin_kernels import nn as mknn
 
 TINY = ["--dataset", "digits", "--width", "4", "--train-size", "300", "--test-size", "100"]

@@ -17,6 +17,7 @@ from types import ModuleType
 
 import torch
 
+from .. import _extension
 from ..spec import MarginSpec
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
@@ -58,6 +59,7 @@ def resolve(backend: str, device: torch.device, spec: MarginSpec) -> tuple[str, 
     named compiled backend that cannot run raises ``RuntimeError`` saying what is missing."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _extension.warn_if_unusable(device)  # once per process: a CUDA tensor met an unusable _C
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         from .. import reference
 

@@ -32,16 +32,13 @@ import os
 
 import torch
 
+from .. import _extension
 from ..spec import KIND_IDS, NORM_EPS, MarginSpec
 
-try:  # torch is imported first: the extension links against it.
-    from .. import _C  # noqa: F401  (registers torch.ops.margin_kernels.*)
-
-    HAS_CUDA_EXT = True
-    _EXT_IMPORT_ERROR: str | None = None
-except (ImportError, OSError, RuntimeError) as exc:  # not built, unloadable, or ABI mismatch
-    HAS_CUDA_EXT = False
-    _EXT_IMPORT_ERROR = str(exc)
+# _extension loads margin_kernels._C (registering torch.ops.margin_kernels.*) after checking that
+# it was built against the installed torch; otherwise it says why not (never raises).
+HAS_CUDA_EXT = _extension.HAS_CUDA_EXT
+_EXT_IMPORT_ERROR: str | None = _extension.LOAD_ERROR
 
 __all__ = [
     "AUTO_CROSSOVER_MEASURED",
@@ -72,12 +69,10 @@ _BUILD_HINT = (
 def unavailable_reason(device: torch.device, spec: MarginSpec) -> str | None:
     """Why ``backend="cuda"`` cannot run ``spec`` on ``device`` (None when it can)."""
     if not HAS_CUDA_EXT:
-        return f"the compiled extension margin_kernels._C is missing ({_EXT_IMPORT_ERROR}); " + (
-            _BUILD_HINT
-        )
+        return f"margin_kernels._C cannot be used: {_EXT_IMPORT_ERROR}; " + _BUILD_HINT
     if torch.device(device).type != "cuda":
         return f"it runs on CUDA tensors only, got device {torch.device(device)}"
-    return None
+    return _extension.arch_reason(torch.device(device))
 
 
 def rows_per_chunk(num_cols: int, itemsize: int, spec: MarginSpec, chunk_bytes: int | None) -> int:

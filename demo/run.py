@@ -1,7 +1,7 @@
 """The demo: train a small CNN with every margin loss on real data, plot the learned features and
 their angles, and write a results table.
 
-``python -m margin_kernels.demo`` (what ``make demo`` runs) does two runs on Fashion-MNIST:
+``python -m demo`` (what ``make demo`` runs) does two runs on Fashion-MNIST:
 
 - **figure** run: a 2-D embedding per loss, one scatter panel per loss (like Figure 2 of the
   L-Softmax paper) -> ``demo_features_2d.png``, ``demo_angles_2d.png``;
@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import nn as mknn
+from margin_kernels import nn as mknn
+
 from .data import DATASETS, DEFAULT_ROOT, DataMissingError, ImageDataset, fetch, load_dataset
 
 try:
@@ -658,7 +659,7 @@ def _parse_runs(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m margin_kernels.demo",
+        prog="python -m demo",
         description=(
             "Train a small CNN with each margin loss on real data; write a 2-D feature figure, "
             "angle histograms and a results table (CSV + markdown)."
@@ -748,9 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
-    command = "python -m margin_kernels.demo " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = "python -m demo " + " ".join(argv if argv is not None else sys.argv[1:])
     _log(
         f"{data.name}: {data.train_labels.numel()} train / {data.test_labels.numel()} test "
         f"images, device {device}, {torch.get_num_threads()} threads"

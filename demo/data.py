@@ -17,7 +17,7 @@ Where the data comes from (``fetch`` downloads it under ``root``, ``data/`` by d
 - ``idx``: any directory holding ``train-images*idx3*``, ``train-labels*idx1*``,
   ``t10k-images*idx3*`` (or ``test-images*``) and ``t10k-labels*idx1*``, gzipped or not.
 
-``python -m margin_kernels.data [--root data] fashion-mnist mnist`` fetches from the command line
+``python -m demo.data [--root data] fashion-mnist mnist`` fetches from the command line
 (``make data`` runs it).
 """
 
@@ -301,7 +301,7 @@ def _split_per_class(
 
 
 def _how_to_get(dataset: str, root: Path) -> str:
-    fetch_cmd = f"python -m margin_kernels.data --root {root} {dataset}"
+    fetch_cmd = f"python -m demo.data --root {root} {dataset}"
     if dataset == "fashion-mnist":
         return (
             f"Fashion-MNIST not found under {root / 'fashion-mnist' / FASHION_SUBDIR} or "
@@ -416,7 +416,7 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Fetch the demo's data sets (offline-installable)."
+        prog="python -m demo.data", description="Fetch the demo's data sets (offline-installable)."
     )
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="where to put them (data/)")
     parser.add_argument("datasets", nargs="+", choices=("fashion-mnist", "mnist"))
