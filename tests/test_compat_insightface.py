@@ -31,7 +31,7 @@ from margin_kernels import MarginSpec
 from margin_kernels.compat import insightface as compat
 
 GROUP_TIMEOUT_S = 60
-NUM_CLASSES, DIM, LOCAL_BATCH = 11, 8, 4
+NUM_CLASSES, DIM, LOCAL_BATCH = 40, 8, 4
 
 # (s, m1, m2, m3, interclass_filtering_threshold): arcface_torch's two branches, with and
 # without interclass filtering.
@@ -194,12 +194,15 @@ class RefPartialFC_V2(nn.Module):
 
 # --- data ---------------------------------------------------------------------------------------
 def _global_data(world, dtype, seed=0):
-    """Global embeddings (world * LOCAL_BATCH, DIM), labels and a full classifier (C, DIM)."""
+    """Global embeddings (world * LOCAL_BATCH, DIM), labels and a full classifier (C, DIM).
+    The embeddings lean towards their class, so that target probabilities spread over
+    (1e-9, 1) at s = 64 and the margins shape the gradients (saturated rows would give every
+    margin the same gradient)."""
     g = torch.Generator().manual_seed(seed)
     batch = world * LOCAL_BATCH
-    x = torch.randn(batch, DIM, generator=g, dtype=torch.float64)
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
     w = torch.randn(NUM_CLASSES, DIM, generator=g, dtype=torch.float64) * 0.01
+    x = torch.randn(batch, DIM, generator=g, dtype=torch.float64) * 0.3 + 2 * normalize(w[labels])
     return x.to(dtype), labels, w.to(dtype)
 
 
@@ -232,7 +235,9 @@ def _run(head, x_local, labels_local, rng_seed=5):
 
 
 def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+    """Max difference over max(max |b|, 1): relative for large values, absolute for small ones
+    (a loss near 0 carries the reference's own rounding of -log p at p -> 1)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1.0)).item()
 
 
 def _compare(got, want, tol, what=""):
@@ -257,6 +262,12 @@ def _check_parity(rank, world, margin_name, dtype, sample_rate=1.0, label_shape=
     got = _run(ours, x[rows], y)
     if sample_rate < 1:
         assert torch.equal(ours.weight_index, ref.weight_index), "sampled classes differ"
+        owned = (labels >= ours.class_start) & (labels < ours.class_start + ours.num_local)
+        positives = torch.unique(labels[owned]).numel()
+        # r = 0.5 draws negatives at random; r = 0.1 keeps more positives than num_sample
+        expected = ours.num_sample if sample_rate == 0.5 else positives
+        assert ours.weight_index.numel() == expected > 0, (positives, ours.num_sample)
+        assert (positives < ours.num_sample) == (sample_rate == 0.5)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     return _compare(got, want, tol, f"{margin_name} {dtype} r={sample_rate}")
 
@@ -273,6 +284,9 @@ def _check_sampling_rule(rank, world):
         assert torch.isin(positives, ids).all()
         assert ids.numel() == max(ours.num_sample, positives.numel())
         assert torch.equal(ids, ids.sort().values) and ids.unique().numel() == ids.numel()
+        # every local class positive: all of them are kept, whatever num_sample is
+        every = torch.arange(ours.num_local)
+        assert torch.equal(ours.sample_class_ids(every), every)
 
 
 def _check_checkpoint_loads_strictly(rank, world, tmp):
@@ -329,7 +343,7 @@ def _checks(rank, world, tmp):
                 f"parity[{name}-{dtype}]",
                 lambda n=name, d=dtype: _check_parity(rank, world, n, d),
             )
-    for rate in (0.5, 0.2):
+    for rate in (0.5, 0.1):
         for name in ("arcface", "cosface_filtered"):
             yield (
                 f"sampled[{name}-{rate}]",
@@ -403,11 +417,11 @@ def test_loss_and_gradients_equal_arcface_torch(reports, margin, dtype):
     _assert_passed(reports, f"parity[{margin}-{dtype}]")
 
 
-@pytest.mark.parametrize("rate", [0.5, 0.2])
+@pytest.mark.parametrize("rate", [0.5, 0.1])
 @pytest.mark.parametrize("margin", ["arcface", "cosface_filtered"])
 def test_partial_fc_samples_like_arcface_torch(reports, margin, rate):
-    """Same global seed -> the same sampled classes, loss and gradients (r = 0.2 keeps only the
-    positives on some shards: more of them than int(r * num_local))."""
+    """Same global seed -> the same sampled classes, loss and gradients: r = 0.5 draws negatives
+    at random; r = 0.1 has more positives than int(r * num_local) and keeps only them."""
     _assert_passed(reports, f"sampled[{margin}-{rate}]")
 
 
