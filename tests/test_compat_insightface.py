@@ -336,6 +336,27 @@ def _check_saturated_row_clamp(rank, world):
     assert got[0].item() > (-math.log(1e-30)) / (world * LOCAL_BATCH)
 
 
+def _check_ddp_backbone_gets_single_process_gradient(rank, world):
+    """The drop-in recipe: backbone in plain DDP (gradients averaged) + this head gives the
+    backbone exactly the single-process gradient of the global batch's loss, as arcface_torch's
+    world-size factor intends."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    x, labels, w = _global_data(world, torch.float64)
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, DIM)).double()
+    single = nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, DIM)).double()
+    single.load_state_dict(backbone.state_dict())
+    margin = MARGINS["arcface"]
+    _single_reference(margin, single(x), labels, w).backward()
+    _, ours = _heads(margin, torch.float64, full_weight=w)
+    model = DistributedDataParallel(backbone)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    ours(model(x[rows]), labels[rows]).backward()
+    for got, want in zip(backbone.parameters(), single.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+
+
 def _checks(rank, world, tmp):
     for name in MARGINS:
         for dtype in (torch.float64, torch.float32):
@@ -354,6 +375,7 @@ def _checks(rank, world, tmp):
     yield "checkpoint", lambda: _check_checkpoint_loads_strictly(rank, world, tmp)
     yield "fp16", lambda: _check_fp16(rank, world)
     yield "saturated_clamp", lambda: _check_saturated_row_clamp(rank, world)
+    yield "ddp_backbone", lambda: _check_ddp_backbone_gets_single_process_gradient(rank, world)
 
 
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
@@ -443,6 +465,10 @@ def test_fp16_head(reports):
 
 def test_saturated_row_loss_is_clamped_like_arcface_torch(reports):
     _assert_passed(reports, "saturated_clamp")
+
+
+def test_ddp_backbone_gets_single_process_gradient(reports):
+    _assert_passed(reports, "ddp_backbone")
 
 
 # --- single process, no torch.distributed ------------------------------------------------------
@@ -569,3 +595,26 @@ def test_one_process_saturated_row_is_capped_in_value_only():
         dim=1,
     ).gather(1, labels[:, None])
     assert rows[0].item() > -math.log(1e-30), "row 0 must be saturated for this test"
+
+
+def test_general_api_preset_and_ddp_hook_exported():
+    """The general API's counterparts: the insightface ArcFace preset and the summing DDP hook
+    (the example uses the exported one)."""
+    import importlib.util
+
+    import margin_kernels as mk
+
+    spec = MarginSpec.insightface_arcface(30.0, 0.4)
+    assert (spec.kind, spec.s, spec.m, spec.grad_mode, spec.overflow) == (
+        "arcface",
+        30.0,
+        0.4,
+        "straight_through",
+        "none",
+    )
+    example_path = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
+    module_spec = importlib.util.spec_from_file_location("train_distributed", example_path)
+    example = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(example)
+    assert example.allreduce_sum_hook is mk.distributed.allreduce_sum_hook
+    assert "allreduce_sum_hook" in mk.distributed.__all__

@@ -251,3 +251,47 @@ def test_fused_on_gpu_matches_pml(name, kwargs):
     mine.cuda()
     x, y = _data(torch.float32, device="cuda")
     _assert_same(_loss_and_grads(mine, x, y), _loss_and_grads(theirs, x, y), 1e-4)
+
+
+# --- the general API migrating users move on to: class_ids, deterministic, PartialFCSampler ------
+def test_modules_take_class_ids_and_deterministic():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, D, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 3, 8, 1])
+    ids = torch.tensor([0, 1, 3, 5])
+    for head in (
+        mk.nn.CosFaceLoss(D, C, s=8.0, deterministic=True, dtype=torch.float64),
+        mk.nn.SphereFaceLoss(D, C, m=3, dtype=torch.float64),
+        mk.nn.LMSoftmaxLoss(D, C, dtype=torch.float64),
+    ):
+        assert head.deterministic is (type(head) is mk.nn.CosFaceLoss)
+        loss = head(x, y, class_ids=ids)
+        want = mk.margin_cross_entropy(x, head.weight, y, head.margin(), class_ids=ids)
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+        assert abs(loss - head(x, y)).item() > 1e-6  # the sampled loss is not the full one
+        head.zero_grad()
+        loss.backward()
+        touched = head.weight.grad.abs().sum(1) > 0
+        assert set(torch.nonzero(touched).flatten().tolist()) == {0, 1, 3, 5, 8}
+
+
+def test_partial_fc_sampler():
+    sampler = mk.nn.PartialFCSampler(100, 0.1, seed=3)
+    labels = torch.tensor([5, 5, 17, -100, 99, 42])
+    ids = sampler(labels)
+    assert ids.dtype == torch.int64 and torch.equal(ids, ids.sort().values)
+    assert ids.numel() == sampler.num_sampled(6) == 10 and ids.unique().numel() == 10
+    assert torch.isin(torch.tensor([5, 17, 99, 42]), ids).all()
+    assert sampler.step == 1
+    # bounded below by the batch: every positive fits
+    assert mk.nn.PartialFCSampler(100, 0.01).num_sampled(6) == 6
+    assert mk.nn.PartialFCSampler(8, 0.5).num_sampled(20) == 8
+    # reproducible: a restored state_dict draws what the original draws next
+    restored = mk.nn.PartialFCSampler(100, 0.1, seed=3)
+    restored.load_state_dict(sampler.state_dict())
+    assert torch.equal(restored(labels), sampler(labels))
+    assert not torch.equal(sampler(labels), ids)  # the stream moves on with the step
+    sampler.eval()
+    assert sampler(labels) is None
+    with pytest.raises(ValueError, match="sample_rate"):
+        mk.nn.PartialFCSampler(100, 1.5)
