@@ -66,7 +66,9 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return start, start + base + (1 if rank < extra else 0)
 
 
-def allreduce_sum_hook(process_group, bucket) -> torch.futures.Future:
+# No return annotation: DDP rejects a hook whose annotation is not the evaluated
+# torch.futures.Future[torch.Tensor], and this module's annotations are strings.
+def allreduce_sum_hook(process_group, bucket):
     """DDP communication hook that sums gradients over the ranks instead of averaging them.
 
     Register it on the backbone's ``DistributedDataParallel`` wrapper when the head is a
@@ -81,7 +83,8 @@ def allreduce_sum_hook(process_group, bucket) -> torch.futures.Future:
         bucket: DDP's ``GradBucket``; its flat buffer is summed in place.
 
     Returns:
-        A future holding the summed flat gradient buffer, as DDP's hook contract requires.
+        ``torch.futures.Future[torch.Tensor]`` holding the summed flat gradient buffer, as DDP's
+        hook contract requires.
     """
     work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
