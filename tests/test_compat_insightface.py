@@ -16,6 +16,7 @@ assert on the reports. Single-process checks run in the test process, without to
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import multiprocessing
 import os
@@ -618,3 +619,59 @@ def test_general_api_preset_and_ddp_hook_exported():
     module_spec.loader.exec_module(example)
     assert example.allreduce_sum_hook is mk.distributed.allreduce_sum_hook
     assert "allreduce_sum_hook" in mk.distributed.__all__
+
+
+def _triton_device():
+    try:
+        from margin_kernels.ops import triton as triton_backend
+    except ImportError:
+        return None
+    if not triton_backend.HAS_TRITON:
+        return None
+    if triton_backend.INTERPRET:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def _fused_backend(name, monkeypatch):
+    """(backend keyword, device) running ``name``'s algorithm here, or skip."""
+    if name == "triton":
+        device = _triton_device()
+        if device is None:
+            pytest.skip("needs Triton with TRITON_INTERPRET=1 or a CUDA GPU")
+        return "triton", device
+    from margin_kernels.ops import cuda as cuda_backend
+
+    if not cuda_backend.HAS_CUDA_EXT:
+        pytest.skip("margin_kernels._C is not built")
+    if torch.cuda.is_available():
+        return "cuda", "cuda"
+    # the C++ backend's chunked algorithm with its CPU kernels, 5 rows per chunk
+    chunked = functools.partial(cuda_backend._chunked_lse_parts, chunk_bytes=5 * NUM_CLASSES * 8)
+    original = compat.resolve
+
+    def resolve(backend, device, spec):
+        return ("cuda", chunked) if backend == "auto" else original(backend, device, spec)
+
+    monkeypatch.setattr(compat, "resolve", resolve)
+    return "auto", "cpu"
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+@pytest.mark.parametrize("margin", ["arcface", "cosface"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_backends_equal_the_reference_head(backend, margin, sample_rate, monkeypatch):
+    """The head on the fused backends (one process) equals the torch path, which the gloo tests
+    hold equal to arcface_torch: loss, embedding and weight gradients, sampled or not."""
+    keyword, device = _fused_backend(backend, monkeypatch)
+    x, labels, w = _global_data(3, torch.float64, seed=2)
+    results = []
+    for name in ("torch", keyword):
+        head = compat.PartialFC_V2(
+            compat.CombinedMarginLoss(*MARGINS[margin]), DIM, NUM_CLASSES, sample_rate, backend=name
+        )
+        head.to(device, torch.float64)
+        with torch.no_grad():
+            head.weight.copy_(w)
+        results.append(_run(head, x.to(device), labels.to(device)))
+    _compare(tuple(t.cpu() for t in results[1]), tuple(t.cpu() for t in results[0]), 1e-10)
