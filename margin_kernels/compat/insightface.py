@@ -36,7 +36,8 @@ arguments and follow its conventions:
 * **Labels.** ``(B,)`` or ``(B, 1)``, integers in ``[0, num_classes)``; the caller's tensor is
   not modified (arcface_torch squeezes it in place).
 * **One process.** Without an initialised ``torch.distributed`` the head owns every class and
-  needs no collectives.
+  needs no collectives. The process group (the default one) is read at construction: create
+  the head after ``init_process_group``, as arcface_torch requires.
 
 The loss is computed by the fused backends (``lse_parts`` per shard, then one all-gather of
 two floats per row), so no B x C logits exist on a GPU. Interclass filtering
