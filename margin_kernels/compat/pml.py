@@ -33,6 +33,7 @@ often the row appears in the tuple, divided by the largest count.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -70,9 +71,9 @@ def _check_kwargs(name: str, kwargs: dict) -> None:
 
 
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def _miner_weights(
@@ -118,11 +119,11 @@ class _PMLClassifierLoss(nn.Module):
         _check_kwargs(name, kwargs)
         self.num_classes = _positive_int("num_classes", num_classes)
         self.embedding_size = _positive_int("embedding_size", embedding_size)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
             raise ValueError(f"{name}: scale must be a number > 0, got {scale!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.scale = scale
+        self.scale = float(scale)
         self.backend = backend
         self.margin = self._init_margin(margin)
         self._spec = self._make_spec()
@@ -240,7 +241,7 @@ class LargeMarginSoftmaxLoss(_PMLClassifierLoss):
         super().__init__(num_classes, embedding_size, margin, scale, **kwargs)
 
     def _init_margin(self, margin: float) -> int:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
             raise ValueError(f"margin must be a number, got {margin!r}")
         m = int(margin)  # PML truncates the margin to an int
         if not 1 <= m <= MAX_PSI_M:
@@ -297,11 +298,11 @@ class ArcFaceLoss(_PMLClassifierLoss):
         super().__init__(num_classes, embedding_size, margin, scale, **kwargs)
 
     def _init_margin(self, margin: float) -> float:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
             raise ValueError(f"margin must be a number of degrees, got {margin!r}")
         if not 0 <= margin < 180:
             raise ValueError(f"ArcFaceLoss: margin must lie in [0, 180) degrees, got {margin}")
-        return math.radians(margin)
+        return math.radians(float(margin))
 
     def _make_spec(self) -> MarginSpec:
         return MarginSpec.arcface(self.scale, self.margin, grad_mode="exact", overflow="fallback")
@@ -322,9 +323,9 @@ class CosFaceLoss(_PMLClassifierLoss):
         super().__init__(num_classes, embedding_size, margin, scale, **kwargs)
 
     def _init_margin(self, margin: float) -> float:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+        if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or margin < 0:
             raise ValueError(f"CosFaceLoss: margin must be a number >= 0, got {margin!r}")
-        return margin
+        return float(margin)
 
     def _make_spec(self) -> MarginSpec:
         return MarginSpec.cosface(self.scale, self.margin)
