@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from margin_kernels import MarginSpec
-from margin_kernels.distributed import ClassParallelMarginLoss
+from margin_kernels.distributed import ClassParallelMarginLoss, allreduce_sum_hook
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,17 +81,6 @@ class GaussianClasses:
 
 def make_backbone(input_dim: int, embed_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(input_dim, 128), nn.ReLU(), nn.Linear(128, embed_dim))
-
-
-def allreduce_sum_hook(process_group, bucket):
-    """DDP comm hook that sums gradients instead of averaging them.
-
-    Every rank's loss is the loss of the whole global batch, and each rank's backbone gradient
-    holds its own rows' share of it, so the sum over ranks is the single-process gradient; DDP's
-    default mean would scale the backbone's gradient by 1/world_size relative to the head's.
-    """
-    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def batch_seed(seed: int, step: int, rank: int, world: int) -> int:
@@ -175,6 +164,7 @@ def train(args: argparse.Namespace, device: torch.device) -> tuple[dict[int, flo
     model = DistributedDataParallel(
         backbone, device_ids=[device] if device.type == "cuda" else None
     )
+    # sum, not average, the backbone's gradients over ranks: each rank's loss is the global one
     model.register_comm_hook(None, allreduce_sum_hook)
     spec = (
         MarginSpec.cosface(s=args.scale, m=0.35)

@@ -37,7 +37,7 @@ HAS_DISTRIBUTED = torch.distributed.is_available()
 if HAS_DISTRIBUTED:
     import torch.distributed as dist
 
-__all__ = ["HAS_DISTRIBUTED", "ClassParallelMarginLoss", "shard_range"]
+__all__ = ["HAS_DISTRIBUTED", "ClassParallelMarginLoss", "allreduce_sum_hook", "shard_range"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 # Embedding dtypes a rank may pass; the integer codes travel in the metadata all-gather.
@@ -64,6 +64,30 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     base, extra = divmod(num_classes, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+# No return annotation: DDP rejects a hook whose annotation is not the evaluated
+# torch.futures.Future[torch.Tensor], and this module's annotations are strings.
+def allreduce_sum_hook(process_group, bucket):
+    """DDP communication hook that sums gradients over the ranks instead of averaging them.
+
+    Register it on the backbone's ``DistributedDataParallel`` wrapper when the head is a
+    :class:`ClassParallelMarginLoss`: ``model.register_comm_hook(None, allreduce_sum_hook)``.
+    Every rank's loss is the loss of the whole global batch and each rank's backbone gradient
+    holds its own rows' share of it, so the sum over ranks is the single-process gradient; DDP's
+    default mean would give the backbone 1/world_size of it (an effective learning rate of
+    lr/world_size) while the head gets the full gradient.
+
+    Args:
+        process_group: the group DDP passes as hook state (``None``: the default group).
+        bucket: DDP's ``GradBucket``; its flat buffer is summed in place.
+
+    Returns:
+        ``torch.futures.Future[torch.Tensor]`` holding the summed flat gradient buffer, as DDP's
+        hook contract requires.
+    """
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def _stream_seed(*parts: object) -> int:

@@ -1,8 +1,10 @@
 """Loss modules: each owns its class weight (C, D) and, for L-Softmax/SphereFace, the lambda
 annealing schedule; the math lives in :mod:`margin_kernels.functional`.
 
-``forward(embeddings (B, D), labels (B,) int64) -> loss``. ``scores(embeddings)`` gives the
-(B, C) prediction scores (cosine, or raw logits for the raw-weight kinds) for evaluation.
+``forward(embeddings (B, D), labels (B,) int64, class_ids=None) -> loss``. ``scores(embeddings)``
+gives the (B, C) prediction scores (cosine, or raw logits for the raw-weight kinds) for
+evaluation. Partial FC in one process: ``head(x, y, class_ids=sampler(y))`` with a
+:class:`PartialFCSampler`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "LMSoftmaxLoss",
     "LSoftmaxLoss",
     "LambdaSchedule",
+    "PartialFCSampler",
     "SOSoftmaxLoss",
     "SphereFaceLoss",
     "WSoftmaxLoss",
@@ -69,6 +72,7 @@ class _MarginLoss(nn.Module):
         reduction: str = "mean",
         ignore_index: int = -100,
         backend: str = "auto",
+        deterministic: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -82,6 +86,8 @@ class _MarginLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.backend = backend
+        # run-to-run identical gradients from the fused backends (see margin_cross_entropy)
+        self.deterministic = bool(deterministic)
         self.weight = nn.Parameter(
             torch.empty(num_classes, in_features, device=device, dtype=dtype)
         )
@@ -96,8 +102,15 @@ class _MarginLoss(nn.Module):
         """The MarginSpec of the current step."""
         raise NotImplementedError
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """embeddings: (B, D) float; labels: (B,) int64 -> loss (scalar, or (B,) for 'none')."""
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """embeddings: (B, D) float; labels: (B,) int64; class_ids: optional (S,) int64 class
+        ids of the denominator (Partial FC, e.g. from :class:`PartialFCSampler`) -> loss
+        (scalar, or (B,) for 'none')."""
         return F.margin_cross_entropy(
             embeddings,
             self.weight,
@@ -106,6 +119,8 @@ class _MarginLoss(nn.Module):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             backend=self.backend,
+            class_ids=class_ids,
+            deterministic=self.deterministic,
         )
 
     @torch.no_grad()
@@ -165,8 +180,13 @@ class _PsiLoss(_MarginLoss):
     def margin(self) -> MarginSpec:
         return MarginSpec(self._kind, m=self.m, lam=self.current_lambda)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = super().forward(embeddings, labels)
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        loss = super().forward(embeddings, labels, class_ids)
         if self.training and self.schedule is not None:
             self.iteration += 1
         return loss
@@ -318,8 +338,13 @@ class LMSoftmaxLoss(_MarginLoss):
     def margin(self) -> MarginSpec:
         return MarginSpec.lm_softmax(self.s)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = super().forward(embeddings, labels)
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        loss = super().forward(embeddings, labels, class_ids)
         if self.sample_margin_weight:
             loss = loss + self.sample_margin_weight * F.sample_margin_regularization(
                 embeddings, self.weight, labels, self.ignore_index
@@ -372,7 +397,12 @@ class EMSoftmaxLoss(_MarginLoss):
     def margin(self) -> MarginSpec:
         return MarginSpec.soft_margin(self.m)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return F.em_softmax_loss(
             embeddings,
             self.weight,
@@ -382,6 +412,8 @@ class EMSoftmaxLoss(_MarginLoss):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             backend=self.backend,
+            class_ids=class_ids,
+            deterministic=self.deterministic,
         )
 
     @torch.no_grad()
@@ -392,3 +424,89 @@ class EMSoftmaxLoss(_MarginLoss):
 
     def _hyper(self) -> dict:
         return {"num_heads": self.num_heads, "m": self.m, "hsic_weight": self.hsic_weight}
+
+
+class PartialFCSampler(nn.Module):
+    """Partial FC class sampling in one process, for the loss modules' ``class_ids``:
+    ``loss = head(x, y, class_ids=sampler(y))``.
+
+    Each training call keeps every positive class of ``labels`` (labels other than
+    ``ignore_index``) plus a uniform sample of the other classes,
+    ``S = min(C, max(ceil(r C), B))`` ids in all (the rule of
+    :class:`margin_kernels.distributed.ClassParallelMarginLoss` with one shard): bounding by the
+    batch size B keeps every positive with a size known on the host, so sampling never syncs the
+    device. In eval mode it returns None, and the head computes the exact loss.
+
+    The stream is seeded by ``(seed, step)``; ``step`` counts training calls and is saved in
+    the state_dict, so a resumed run draws the same classes as an uninterrupted one.
+
+    Args:
+        num_classes: C, the head's number of classes.
+        sample_rate: r in (0, 1]; 1 keeps every class.
+        seed: seeds the stream.
+        ignore_index: the label of rows that have no positive class.
+    """
+
+    def __init__(
+        self, num_classes: int, sample_rate: float, *, seed: int = 0, ignore_index: int = -100
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
+            raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.num_classes = num_classes
+        self.sample_rate = float(sample_rate)
+        self.seed = seed
+        self.ignore_index = ignore_index
+        # a host-side int (no device sync to read it), saved as extra state
+        self.step = 0
+
+    def num_sampled(self, batch: int) -> int:
+        """S = min(C, max(ceil(r C), B)) for a batch of B rows."""
+        # round() first: r * C = 3.0000000000000004 must not become 4
+        wanted = math.ceil(round(self.sample_rate * self.num_classes, 9))
+        return min(self.num_classes, max(wanted, batch))
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """labels: (B,) int64 in [0, C) or ``ignore_index`` -> (S,) int64 class ids, ascending,
+        on the labels' device; None in eval mode."""
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            raise ValueError("labels must be a 1-D integer tensor (B,)")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"labels must hold integers (int64), got {labels.dtype}")
+        if not self.training:
+            return None
+        from .distributed import _stream_seed
+
+        device = labels.device
+        labels = labels.long()
+        valid = labels != self.ignore_index
+        # positives scatter into their slot; ignored rows into a spare slot C, dropped
+        slots = torch.where(valid, labels, self.num_classes).clamp(0, self.num_classes)
+        positive = torch.zeros(self.num_classes + 1, dtype=torch.bool, device=device)
+        positive = positive.index_fill_(0, slots, True)[: self.num_classes]
+        generator = torch.Generator(device=device)
+        generator.manual_seed(_stream_seed("partial_fc_sampler", self.seed, self.step))
+        # uniform keys in [0, 1) rank the negatives at random; positives get key 2: taken first
+        keys = torch.rand(self.num_classes, generator=generator, device=device)
+        keys = keys.masked_fill(positive, 2.0)
+        chosen = keys.topk(self.num_sampled(labels.shape[0]), sorted=False).indices
+        self.step += 1
+        return chosen.sort().values
+
+    def get_extra_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, sample_rate={self.sample_rate}, seed={self.seed}, "
+            f"step={self.step}"
+        )

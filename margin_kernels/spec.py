@@ -158,6 +158,13 @@ class MarginSpec:
         return cls("arcface", s=s, m=m, grad_mode=grad_mode, overflow=overflow)
 
     @classmethod
+    def insightface_arcface(cls, s: float = 64.0, m: float = 0.5) -> MarginSpec:
+        """ArcFace as insightface's arcface_torch trains it (``CombinedMarginLoss(s, 1.0, m,
+        0.0)``): the plain cos(theta + m) with no theta + m > pi policy, and the straight-through
+        gradient (dT/dc = s)."""
+        return cls.arcface(s, m, grad_mode="straight_through", overflow="none")
+
+    @classmethod
     def combined(
         cls,
         s: float = 64.0,
