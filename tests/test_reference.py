@@ -324,7 +324,7 @@ def test_low_precision_inputs_compute_in_float32():
         predicted += (we.grad * (wl.double() - w.double())).sum()
         change = loss.double() - exact
         assert abs(change - predicted) <= 0.02 * abs(predicted) + 1e-6 * abs(exact), (
-            f"{dtype}: loss moved by {change.item():.3e}, first order predicts {predicted.item():.3e}"
+            f"{dtype}: loss moved by {change.item():.3e}, first order: {predicted.item():.3e}"
         )
         loss.backward()
         assert xl.grad.dtype == dtype and wl.grad.dtype == dtype
