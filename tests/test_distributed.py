@@ -9,9 +9,10 @@ reference on the concatenated batch to rounding.
 The exact and Partial-FC checks run for every backend that runs on CPU: ``torch``, ``triton``
 (under ``TRITON_INTERPRET=1``, which the workers inherit) and ``cuda`` on the C++ CPU twin of its
 epilogues (the workers point the backend's CPU check and ``lse_parts`` at its CPU entry point,
-see tests/cpu_backends.py). Each shard then receives labels owned by other ranks as values >= C
-or < 0. The fused backends run two reductions ("mean", "none") of the exact checks to keep the
-interpreter's time bounded.
+see tests/cpu_backends.py); each shard's lse_parts then receives rows whose label another rank
+owns (as -1: no target here). The fused backends run two reductions ("mean", "none") of the
+exact checks to keep the interpreter's time bounded. (Targets >= C and < -1 straight into
+lse_parts: tests/test_shard_targets.py.)
 """
 
 from __future__ import annotations
@@ -498,8 +499,7 @@ def _skip_unless_runnable(backend: str) -> None:
 def test_loss_and_gradients_equal_single_process(reports, backend, kind, reduction):
     """Loss, d loss/d local embeddings and d loss/d weight shard equal the single-process
     reference on the concatenated batch: uneven shards, unequal (and empty) local batches,
-    ignored rows and labels owned by other ranks (which reach the shard's lse_parts as targets
-    >= C or < 0)."""
+    ignored rows and labels owned by other ranks."""
     _skip_unless_runnable(backend)
     _assert_passed(reports, f"exact[{backend}-{kind}-{reduction}]")
 
