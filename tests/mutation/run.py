@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -111,12 +112,20 @@ def _pytest(
     return code, out.decode(errors="replace"), time.monotonic() - start
 
 
+_CRASH_FRAME = re.compile(r'File "(?:.*/)?(tests/test_\w+\.py)", line \d+ in (test_\w+)')
+
+
 def _first_failure(output: str) -> str:
+    """The first failing test of a pytest -x run; for a crash (the interpreter killed by a
+    signal, e.g. an out-of-bounds read) the test in the faulthandler traceback."""
     for line in output.splitlines():
         if line.startswith(("FAILED ", "ERROR ")):
             return line.split(" - ")[0]
+    crash = _CRASH_FRAME.search(output)
+    if crash:
+        return f"crashed in {crash.group(1)}::{crash.group(2)}"
     tail = [line for line in output.splitlines() if line.strip()]
-    return tail[-1] if tail else "(no output)"
+    return tail[-1][:200] if tail else "(no output)"
 
 
 def baseline(tree: Path, python: str, files: list[str], timeout: float):
@@ -189,14 +198,20 @@ def run_suite(
         on_progress()
 
 
-def write_report(path: Path, suites: list[SuiteResult], mutations: list[Mutation], args) -> None:
+def tree_state() -> str:
+    """The revision of the tree being copied, and whether it had uncommitted changes."""
     rev = _git("rev-parse", "--short", "HEAD").strip()
-    dirty = " (with uncommitted changes)" if _git("status", "--porcelain").strip() else ""
+    return rev + (" (with uncommitted changes)" if _git("status", "--porcelain").strip() else "")
+
+
+def write_report(
+    path: Path, suites: list[SuiteResult], mutations: list[Mutation], args, state: str
+) -> None:
     lines = [
         "# Mutation check",
         "",
         f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on revision "
-        f"{rev}{dirty}, `{' '.join(args)}` (pytest -x per mutation, TRITON_INTERPRET=1, the "
+        f"{state}, `{' '.join(args)}` (pytest -x per mutation, TRITON_INTERPRET=1, the "
         "test files listed per mutation in tests/mutation/mutations.py).",
         "",
         "Suites: " + "; ".join(f"**{s.name}** = {s.source}" for s in suites) + ".",
@@ -217,7 +232,8 @@ def write_report(path: Path, suites: list[SuiteResult], mutations: list[Mutation
             if o.seconds:
                 text += f" ({o.seconds:.0f} s)"
             cells.append(text)
-        lines.append(f"| `{m.id}` | {m.file} | {m.description} | " + " | ".join(cells) + " |")
+        bug = m.description.replace("|", "\\|")
+        lines.append(f"| `{m.id}` | {m.file} | {bug} | " + " | ".join(cells) + " |")
     lines.append("")
     for s in suites:
         survivors = [k for k, o in s.outcomes.items() if o.status == "SURVIVED"]
@@ -254,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         parser.error(f"no mutation matches --only {args.only!r}")
     suites = []
+    state = tree_state()  # before the report (an untracked file) is written
     for name in args.suites.split(","):
         if name not in ("new", "old"):
             parser.error(f"unknown suite {name!r}")
@@ -262,13 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         suites.append(suite)
 
         def progress() -> None:  # the report so far, so that an interrupted run leaves one
-            write_report(args.report, suites, chosen, sys.argv[1:] if argv is None else argv)
+            write_report(args.report, suites, chosen, sys.argv[1:] if argv is None else argv, state)
 
         with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
             tree = Path(tmp)
             copy_tree(tree, args.old_tests_rev if name == "old" else None)
             run_suite(suite, tree, args.python, chosen, args.timeout, progress)
-    write_report(args.report, suites, chosen, sys.argv[1:] if argv is None else argv)
+    write_report(args.report, suites, chosen, sys.argv[1:] if argv is None else argv, state)
     print(f"wrote {args.report}")
     return 0
 
