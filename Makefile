@@ -58,3 +58,10 @@ bench-wheels:
 
 clean:
 	rm -rf build dist *.egg-info margin_kernels/*.so $(VENV)
+
+# Mutation check (not part of `make test`; tens of minutes): plausible bugs applied one at a
+# time to a temporary copy of the tree, tests/mutation/REPORT.md says which survive.
+# e.g. make mutation MUTATION_ARGS="--suites old,new --only scores_not_normalised"
+.PHONY: mutation
+mutation: install
+	$(PY) tests/mutation/run.py $(MUTATION_ARGS)

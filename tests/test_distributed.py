@@ -5,6 +5,14 @@ check ending with its assertions after all of its collectives, and report per ch
 the traceback. The tests below assert on those reports, so one spawn serves the whole matrix.
 Float64 throughout, so the distributed loss and gradients must equal the single-process
 reference on the concatenated batch to rounding.
+
+The exact and Partial-FC checks run for every backend that runs on CPU: ``torch``, ``triton``
+(under ``TRITON_INTERPRET=1``, which the workers inherit) and ``cuda`` on the C++ CPU twin of its
+epilogues (the workers point the backend's CPU check and ``lse_parts`` at its CPU entry point,
+see tests/cpu_backends.py); each shard's lse_parts then receives rows whose label another rank
+owns (as -1: no target here). The fused backends run two reductions ("mean", "none") of the
+exact checks to keep the interpreter's time bounded. (Targets >= C and < -1 straight into
+lse_parts: tests/test_shard_targets.py.)
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu_backends import cpu_lse_parts
 
 import margin_kernels as mk
 from margin_kernels.distributed import ClassParallelMarginLoss, shard_range
@@ -28,8 +37,42 @@ from margin_kernels.spec import MarginSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_distributed.py"
-GROUP_TIMEOUT_S = 60
+GROUP_TIMEOUT_S = 240
 IGNORE = -100
+
+# test name -> backend name passed to the head ("cuda" runs its CPU twin in the workers).
+HEAD_BACKENDS = {"torch": "torch", "triton": "triton", "cuda_cpu": "cuda"}
+FUSED_REDUCTIONS = ("mean", "none")
+
+
+def _runnable_backends() -> dict[str, str | None]:
+    """test backend name -> None if it runs here, else the reason it cannot."""
+    return {name: cpu_lse_parts(name)[1] for name in HEAD_BACKENDS}
+
+
+RUNNABLE = _runnable_backends()
+
+
+def _reductions(backend: str) -> tuple[str, ...]:
+    return REDUCTIONS if backend == "torch" else FUSED_REDUCTIONS
+
+
+def _tolerances(backend: str, spec: MarginSpec) -> dict:
+    """rtol/atol of the exact checks: rounding, except the fused kernels' combined margin,
+    whose arccos polynomial is float32-accurate also in float64."""
+    if backend != "torch" and spec.kind == "combined":
+        return {"rtol": 1e-7, "atol": 1e-7}
+    return {"rtol": 1e-10, "atol": 1e-12}
+
+
+def _use_cuda_cpu_twin() -> None:
+    """In a worker: let backend="cuda" run on CPU tensors through the CPU twin."""
+    from margin_kernels.ops import cuda as cuda_backend
+
+    cpu_entry, _ = cpu_lse_parts("cuda_cpu")
+    cuda_backend.unavailable_reason = lambda device, spec: None
+    cuda_backend.lse_parts = cpu_entry
+
 
 KINDS = {
     "cosface": MarginSpec.cosface(s=8.0, m=0.35),
@@ -81,7 +124,7 @@ def _head(num_classes, dim, spec, **kw):
 
 
 # --- checks run inside the workers ------------------------------------------------------------
-def _check_exact(rank, world, spec, reduction, validate=True):
+def _check_exact(rank, world, spec, reduction, validate=True, backend="torch"):
     num_classes, dim, sizes, label_list = EXACT_CASES[world]
     labels = torch.tensor(label_list)
     x, w = _data(num_classes, dim, len(label_list))
@@ -89,16 +132,20 @@ def _check_exact(rank, world, spec, reduction, validate=True):
     ref_loss, ref_dx, ref_dw = _reference_grads(
         x, w, labels, spec, reduction, row_weights=row_weights if reduction == "none" else None
     )
-    head = _head(num_classes, dim, spec, reduction=reduction, validate=validate)
+    head = _head(
+        num_classes, dim, spec, reduction=reduction, validate=validate,
+        backend=HEAD_BACKENDS[backend],
+    )  # fmt: skip
     head.init_from_full_weight(w)
     rows = _local_rows(sizes, rank)
     x_local = x[rows].clone().requires_grad_()
     loss = head(x_local, labels[rows])
     (loss if reduction != "none" else (loss * row_weights).sum()).backward()
-    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(x_local.grad, ref_dx[rows], rtol=1e-10, atol=1e-12)
+    tol = _tolerances(backend, spec)
+    torch.testing.assert_close(loss.detach(), ref_loss, **tol)
+    torch.testing.assert_close(x_local.grad, ref_dx[rows], **tol)
     shard = slice(head.class_start, head.class_end)
-    torch.testing.assert_close(head.weight.grad, ref_dw[shard], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(head.weight.grad, ref_dw[shard], **tol)
 
 
 def _check_equal_batches_without_validation(rank, world):
@@ -145,13 +192,13 @@ def _check_sampling_positives_and_reproducible(rank, world):
     assert not torch.equal(ids, other_seed.sampled_class_ids(labels, step=5))
 
 
-def _check_sampled_loss_and_sparse_dw(rank, world):
+def _check_sampled_loss_and_sparse_dw(rank, world, backend="torch"):
     import torch.distributed as dist
 
     num_classes, dim, labels, sizes = _sampling_setup(world)
     spec = KINDS["arcface"]
     x, w = _data(num_classes, dim, len(labels), seed=1)
-    head = _head(num_classes, dim, spec, sample_rate=0.5, seed=3)
+    head = _head(num_classes, dim, spec, sample_rate=0.5, seed=3, backend=HEAD_BACKENDS[backend])
     head.init_from_full_weight(w)
     head.step = 11
     local_ids = head.sampled_class_ids(labels, step=11)
@@ -344,11 +391,21 @@ def _check_example_resume_reproduces(rank, world, out_dir):
 
 
 def _checks(rank, world, out_dir):
-    for kind, spec in KINDS.items():
-        for reduction in REDUCTIONS:
+    for backend, reason in RUNNABLE.items():
+        if reason is not None:
+            continue
+        for kind, spec in KINDS.items():
+            for reduction in _reductions(backend):
+                yield (
+                    f"exact[{backend}-{kind}-{reduction}]",
+                    lambda s=spec, r=reduction, b=backend: _check_exact(
+                        rank, world, s, r, backend=b
+                    ),
+                )
+        if backend != "torch":
             yield (
-                f"exact[{kind}-{reduction}]",
-                lambda s=spec, r=reduction: _check_exact(rank, world, s, r),
+                f"sampled_loss_sparse_dw[{backend}]",
+                lambda b=backend: _check_sampled_loss_and_sparse_dw(rank, world, b),
             )
     yield (
         "equal_batches_no_validation",
@@ -374,6 +431,8 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if RUNNABLE["cuda_cpu"] is None:
+        _use_cuda_cpu_twin()
     dist.init_process_group(
         "gloo",
         init_method=f"file://{store}",
@@ -427,13 +486,22 @@ def _assert_passed(reports: list[dict], name: str) -> None:
 
 
 # --- the tests ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+def _skip_unless_runnable(backend: str) -> None:
+    if RUNNABLE[backend] is not None:
+        pytest.skip(f"{backend}: {RUNNABLE[backend]}")
+
+
+@pytest.mark.parametrize(
+    ("backend", "reduction"),
+    [(b, r) for b in HEAD_BACKENDS for r in _reductions(b)],
+)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_loss_and_gradients_equal_single_process(reports, kind, reduction):
+def test_loss_and_gradients_equal_single_process(reports, backend, kind, reduction):
     """Loss, d loss/d local embeddings and d loss/d weight shard equal the single-process
     reference on the concatenated batch: uneven shards, unequal (and empty) local batches,
     ignored rows and labels owned by other ranks."""
-    _assert_passed(reports, f"exact[{kind}-{reduction}]")
+    _skip_unless_runnable(backend)
+    _assert_passed(reports, f"exact[{backend}-{kind}-{reduction}]")
 
 
 def test_equal_batches_without_validation(reports):
@@ -446,6 +514,12 @@ def test_sampling_keeps_positives_and_is_reproducible(reports):
 
 def test_sampled_loss_matches_reference_and_only_sampled_rows_get_dw(reports):
     _assert_passed(reports, "sampled_loss_sparse_dw")
+
+
+@pytest.mark.parametrize("backend", [b for b in HEAD_BACKENDS if b != "torch"])
+def test_sampled_loss_on_the_fused_backends(reports, backend):
+    _skip_unless_runnable(backend)
+    _assert_passed(reports, f"sampled_loss_sparse_dw[{backend}]")
 
 
 def test_state_dict_round_trip_resumes_sampling(reports):
