@@ -336,10 +336,8 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         d_xnorm = torch.zeros_like(x_norm)
         d_ctarget = torch.zeros_like(x_norm)
         d_tnorm = None
-        if class_ids is None:
-            grad_weight = torch.empty_like(weight)
-        else:
-            grad_weight = torch.zeros_like(weight)
+        # every row of dW is written by its chunk; Partial FC scatters into zeros
+        grad_weight = torch.empty_like(weight) if class_ids is None else torch.zeros_like(weight)
         in_place_dw = class_ids is None and weight.dtype == compute
         for start in chunks.starts:
             w_c, ids = chunks.columns(start)
