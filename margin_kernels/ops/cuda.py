@@ -188,7 +188,7 @@ def chunk_plan(
     budget = _resolve_chunk_bytes(chunk_bytes)
     num_cols = num_classes if num_sampled is None else num_sampled
     per_class = class_bytes(batch, dim, dtype, kind, num_sampled is not None, device_type)
-    classes = max(1, min(budget // per_class, max(1, num_cols)))
+    classes = max(1, min(budget // max(1, per_class), max(1, num_cols)))
     num_chunks = max(1, math.ceil(num_cols / classes))
     # rows split into class segments until the grid holds ~BLOCKS_PER_SM blocks per SM
     wanted = math.ceil(num_sms * BLOCKS_PER_SM / max(1, batch))
