@@ -58,6 +58,13 @@ def resolve(backend: str, device: torch.device, spec: MarginSpec) -> tuple[str, 
     named compiled backend that cannot run raises ``RuntimeError`` saying what is missing."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and device.type == "cpu":
+        # On CPU the cuda backend's C++ kernels are taken where they measured no slower than the
+        # reference (ops.cuda.CPU_AUTO_NO_SLOWER, from bench/results/cpu_chunks.csv).
+        module = _load("cuda")[0]
+        if module is not None and module.CPU_AUTO_NO_SLOWER:
+            if module.unavailable_reason(device, spec) is None:
+                return "cuda", module.lse_parts
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         from .. import reference
 
