@@ -157,11 +157,16 @@ MK_HD T chebyshev(T c, int m, T* d_c) {
 }
 
 // k of psi: how many of the thresholds cos(j pi / m), j = 1..m-1, c lies below (m - 1 sign
-// tests, no arccos). A NaN c passes none of them (k = 0) and stays NaN through T_m.
+// tests, no arccos). A NaN c passes none of them (k = 0) and stays NaN through T_m. The loop
+// runs over the fixed table length so that it unrolls with constant indices: a runtime index
+// into the by-value kernel parameter would copy the table to the stack.
 template <typename T>
 MK_HD int psi_branch(const MarginParams<T>& p, T c) {
   int k = 0;
-  for (int j = 0; j < p.psi_m - 1; ++j) k += int(c < p.psi_cos[j]);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kMaxPsiM - 1; ++j) k += int(j < p.psi_m - 1 && c < p.psi_cos[j]);
   return k;
 }
 
