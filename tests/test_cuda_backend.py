@@ -279,9 +279,9 @@ def test_chunk_plan_budget(monkeypatch):
     assert plan.classes_per_chunk == 256 * 2**20 // (4 * 1024) == 65536
     assert plan.num_chunks == math.ceil(10**6 / 65536)
     assert plan.logits_dtype == torch.float32
-    # bf16: + 2 B (dL/dz in bf16) + 4 D (H_c in fp32) per class
+    # bf16: + 2 B (dL/dz in bf16) + 4 D (H_c in fp32) + 4 * 64 (a slice of W_c in fp32)
     bf16 = cuda_backend.chunk_plan(1024, 10**6, 512, torch.bfloat16, "arcface")
-    assert bf16.classes_per_chunk == 256 * 2**20 // (4 * 1024 + 2 * 1024 + 4 * 512)
+    assert bf16.classes_per_chunk == 256 * 2**20 // (4 * 1024 + 2 * 1024 + 4 * 512 + 4 * 64)
     assert bf16.logits_dtype == torch.float32
     # W-Softmax holds a second (gram) buffer
     w_soft = cuda_backend.chunk_plan(1024, 10**6, 512, torch.float32, "w_softmax")

@@ -30,8 +30,9 @@ gradients, is at most ``ChunkPlan.extra_bytes`` = ``S_c * per_class + per_rows``
 * ``per_class`` (bytes per class of a chunk, :func:`chunk_plan`) =
   ``n B L`` (the fp32 logits buffer, L = 4, 8 for float64; n = 2 for W-Softmax's gram buffer,
   else 1) + for 16-bit inputs ``n B 2`` (dL/dz in the storage dtype for the tensor-core GEMMs,
-  CUDA) and ``4 D`` (the chunk's H_c in fp32) (+ ``4 D`` on CPU: the chunk of W in fp32, CPU has
-  no fp32-output 16-bit GEMM) + with ``class_ids`` ``2 e D`` (the gathered W_c and H_c,
+  CUDA), ``4 D`` (the chunk's H_c in fp32) and ``4 min(D, 64)`` (a column slice of W_c in fp32
+  for the chain term, CUDA) (+ ``4 D`` on CPU: the chunk of W in fp32, CPU has no fp32-output
+  16-bit GEMM) + with ``class_ids`` ``2 e D`` (the gathered W_c and H_c,
   e = itemsize);
 * ``per_rows`` = ``L (10 B D + 24 B + 2 S + 4 B class_splits)`` (norms, the target rows W_y and
   the fp32 dX accumulators: O(B D + C)).
@@ -92,6 +93,8 @@ EPILOGUE_THREADS = 256
 BLOCKS_PER_SM = 8
 MIN_SEGMENT = 1024
 MAX_CLASS_SPLITS = 65535
+# Columns of W_c converted to fp32 at a time by _row_dots (bounds that temporary to S_c x 64).
+ROW_DOT_SLICE = 64
 
 _BUILD_HINT = (
     "install the CUDA build of torch and nvcc, then build with "
@@ -157,6 +160,7 @@ def class_bytes(
         per_class += 4 * dim  # H_c in fp32
         if device_type == "cuda":
             per_class += buffers * batch * itemsize  # dL/dz (dL/dh) in the storage dtype
+            per_class += 4 * min(dim, ROW_DOT_SLICE)  # a column slice of W_c in fp32 (_row_dots)
         else:
             per_class += 4 * dim  # W_c in fp32 (no fp32-output 16-bit GEMM on CPU)
     if sampled:
@@ -391,7 +395,7 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             if normalizes_weight:
                 # dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2 (0 where the eps clamp holds ||W_j||)
                 raw = torch.linalg.vector_norm(w_op, dim=-1, dtype=compute)
-                radial = torch.einsum("ij,ij->i", h_c, w_op.to(h_c.dtype))
+                radial = _row_dots(h_c, w_op)
                 coef = torch.where(raw >= NORM_EPS, radial / col_norm.square(), 0)
                 h_c.addcmul_(w_op, coef[:, None].to(h_c.dtype), value=-1)
             if class_ids is not None:
@@ -413,6 +417,18 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         if x.shape[0]:
             _accumulate_rows(grad_weight, safe_target, grad_wy.to(weight.dtype), deterministic)
         return (grad_x.to(x.dtype), grad_weight, None, None, None, None, None, None)
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a_j . b_j) per row, in a's dtype (fp32/fp64), b in any float dtype; a batched dot (no
+    (S, D) product temporary), b converted to a's dtype ROW_DOT_SLICE columns at a time."""
+    if b.dtype == a.dtype:
+        return torch.einsum("ij,ij->i", a, b)
+    out = a.new_zeros(a.shape[0])
+    for k in range(0, a.shape[1], ROW_DOT_SLICE):
+        cols = slice(k, k + ROW_DOT_SLICE)
+        out += torch.einsum("ij,ij->i", a[:, cols], b[:, cols].to(a.dtype))
+    return out
 
 
 def _accumulate(out: torch.Tensor, chunks: _Chunks, a: torch.Tensor, b: torch.Tensor) -> None:
