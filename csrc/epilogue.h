@@ -46,6 +46,11 @@ struct EpilogueArgs {
   // backward dL/d||x|| and dL/dc_y of each segment
   void* partial_a;
   void* partial_b;
+  // backward: where dL/dz (dL/dh) go. Null: in place over logits (gram). Else (B, S) buffers in
+  // grad_storage (fp16/bf16 next to fp32 logits), and logits (gram) are only read.
+  void* grad_logits;
+  void* grad_gram;
+  Storage grad_storage;
   // backward inputs
   const void* saved_neg_lse;  // (B,)
   const void* grad_neg_lse;   // (B,)

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "epilogue.h"
 #include "margin_math.h"
@@ -265,7 +266,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename S, int F>
+// O is the dtype dL/dz (dL/dh) is written in: S writes it in place over the logits; a 16-bit O
+// writes it to the separate grad_logits (grad_gram) buffers, which the dX and dW GEMMs then read
+// on tensor cores, and the fp32 logits are only read.
+template <typename S, int F, typename O>
 __global__ void __launch_bounds__(kThreads)
     lse_backward_kernel(EpilogueArgs a, MarginParams<typename MathType<S>::type> p) {
   using M = typename MathType<S>::type;
@@ -282,7 +286,13 @@ __global__ void __launch_bounds__(kThreads)
   S* h_row = F == kWeighted ? static_cast<S*>(a.gram) + row * a.num_cols + segment.first : nullptr;
   M d_xn = M(0);
   M d_cy = M(0);
-  visit_row<true, F == kWeighted>(z_row, h_row, segment.count, [&](int64_t j, M& z, M& h) {
+  constexpr bool kInPlace = std::is_same<S, O>::value;
+  O* dz_row = kInPlace ? nullptr
+                       : static_cast<O*>(a.grad_logits) + row * a.num_cols + segment.first;
+  O* dh_row = kInPlace || F != kWeighted
+                  ? nullptr
+                  : static_cast<O*>(a.grad_gram) + row * a.num_cols + segment.first;
+  visit_row<kInPlace, F == kWeighted>(z_row, h_row, segment.count, [&](int64_t j, M& z, M& h) {
     M prob_grad = M(0);
     const M w_norm = col_norm[j];
     const M inv_w_norm = M(1) / w_norm;
@@ -295,8 +305,14 @@ __global__ void __launch_bounds__(kThreads)
     }
     const NontargetGrad<M> g = nontarget_backward<F>(p, prob_grad, c, r.x_norm, r.inv_x_norm,
                                                      inv_w_norm, r.c_y, gram, r.inv_wy_norm);
-    z = g.d_z;
-    h = g.d_h;
+    if (kInPlace) {
+      z = g.d_z;
+      h = g.d_h;
+    } else {
+      // consecutive threads own consecutive 16-byte packs of z: these 2-byte stores coalesce
+      dz_row[j] = from_math<O>(g.d_z);
+      if (F == kWeighted) dh_row[j] = from_math<O>(g.d_h);
+    }
     d_xn += g.d_xn;
     d_cy += g.d_cy;
   });
@@ -409,7 +425,18 @@ struct LaunchBackward {
   static void run(const EpilogueArgs& a, cudaStream_t stream) {
     using M = typename MathType<S>::type;
     const MarginParams<M> p = make_params<M>(a.kind, a.params);
-    lse_backward_kernel<S, F><<<epilogue_grid(a), kThreads, 0, stream>>>(a, p);
+    // margin_ops.cpp admits a separate grad_logits only as fp16/bf16 next to fp32 logits
+    if constexpr (std::is_same<S, float>::value) {
+      if (a.grad_logits != nullptr && a.grad_storage == Storage::kBFloat16) {
+        lse_backward_kernel<S, F, __nv_bfloat16><<<epilogue_grid(a), kThreads, 0, stream>>>(a, p);
+      } else if (a.grad_logits != nullptr) {
+        lse_backward_kernel<S, F, __half><<<epilogue_grid(a), kThreads, 0, stream>>>(a, p);
+      } else {
+        lse_backward_kernel<S, F, S><<<epilogue_grid(a), kThreads, 0, stream>>>(a, p);
+      }
+    } else {
+      lse_backward_kernel<S, F, S><<<epilogue_grid(a), kThreads, 0, stream>>>(a, p);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_merge<S, false>(a, p, stream);
   }

@@ -132,6 +132,16 @@ void set_pointers(EpilogueArgs* a, const Tensor& logits, const OptTensor& gram,
 // ---------------------------------------------------------------------------------------------
 // CPU twin: row loops over the same element functions as the CUDA kernels.
 
+// base[idx] = value in a 16-bit storage dtype (the separate dL/dz buffer of the backward).
+template <typename M>
+void store_as(void* base, Storage storage, int64_t idx, M value) {
+  if (storage == Storage::kBFloat16) {
+    static_cast<at::BFloat16*>(base)[idx] = static_cast<at::BFloat16>(static_cast<float>(value));
+  } else {
+    static_cast<at::Half*>(base)[idx] = static_cast<at::Half>(static_cast<float>(value));
+  }
+}
+
 // Class id of column j of the chunk.
 inline int64_t class_of(const EpilogueArgs& a, int64_t j) {
   return a.col_ids ? a.col_ids[j] : a.col_offset + j;
@@ -238,8 +248,13 @@ void lse_backward_cpu(const EpilogueArgs& a) {
         }
         const NontargetGrad<M> ng =
             nontarget_backward<F>(p, prob_grad, c, xn, inv_xn, inv_wn, c_y, g, inv_wyn);
-        logits[idx] = static_cast<S>(ng.d_z);
-        if (F == kWeighted) gram[idx] = static_cast<S>(ng.d_h);
+        if (a.grad_logits == nullptr) {
+          logits[idx] = static_cast<S>(ng.d_z);
+          if (F == kWeighted) gram[idx] = static_cast<S>(ng.d_h);
+        } else {
+          store_as(a.grad_logits, a.grad_storage, idx, ng.d_z);
+          if (F == kWeighted) store_as(a.grad_gram, a.grad_storage, idx, ng.d_h);
+        }
         d_xn += ng.d_xn;
         d_cy += ng.d_cy;
       }
@@ -350,6 +365,31 @@ void check_bwd_vectors(const Tensor& logits, const Tensor& neg_lse, const Tensor
   check_vector("grad_target_logit", grad_target_logit, logits.size(0), md, logits);
 }
 
+// The separate dL/dz (dL/dh) buffers: both absent, or fp16/bf16 (B, S) next to fp32 logits.
+void check_grad_buffers(const Tensor& logits, const OptTensor& gram, const OptTensor& grad_logits,
+                        const OptTensor& grad_gram) {
+  if (!grad_logits.has_value()) {
+    TORCH_CHECK_VALUE(!grad_gram.has_value(), "margin_kernels: grad_gram needs grad_logits");
+    return;
+  }
+  const Tensor& g = *grad_logits;
+  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat &&
+                        (g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16),
+                    "margin_kernels: grad_logits must be float16/bfloat16 next to float32 logits, "
+                    "got ", g.scalar_type(), " next to ", logits.scalar_type());
+  TORCH_CHECK_VALUE(g.sizes() == logits.sizes() && g.device() == logits.device() &&
+                        g.is_contiguous(),
+                    "margin_kernels: grad_logits must be contiguous ", logits.sizes(), ", got ",
+                    g.sizes());
+  TORCH_CHECK_VALUE(grad_gram.has_value() == gram.has_value(),
+                    "margin_kernels: grad_gram is required with gram and only with it");
+  if (grad_gram.has_value()) {
+    TORCH_CHECK_VALUE(grad_gram->sizes() == g.sizes() && grad_gram->dtype() == g.dtype() &&
+                          grad_gram->device() == g.device() && grad_gram->is_contiguous(),
+                      "margin_kernels: grad_gram must be a contiguous tensor like grad_logits");
+  }
+}
+
 // The body of the backward op on every device (see lse_fwd).
 template <typename Launch>
 std::tuple<Tensor, Tensor, Tensor> lse_bwd(
@@ -357,11 +397,16 @@ std::tuple<Tensor, Tensor, Tensor> lse_bwd(
     const Tensor& target, const OptTensor& col_ids, int64_t col_offset, const Tensor& c_target,
     const Tensor& target_norm, int64_t num_classes, const Tensor& neg_lse,
     const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t class_splits,
-    bool with_target, int64_t kind, const std::vector<double>& params, Launch launch) {
+    bool with_target, const OptTensor& grad_logits, const OptTensor& grad_gram, int64_t kind,
+    const std::vector<double>& params, Launch launch) {
   EpilogueArgs a = check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, col_offset,
                                   c_target, target_norm, num_classes, class_splits, kind, params);
   check_bwd_vectors(logits, neg_lse, grad_neg_lse, grad_target_logit);
+  check_grad_buffers(logits, gram, grad_logits, grad_gram);
   set_pointers(&a, logits, gram, x_norm, col_norm, target, col_ids, c_target, target_norm);
+  a.grad_logits = grad_logits.has_value() ? grad_logits->data_ptr() : nullptr;
+  a.grad_gram = grad_gram.has_value() ? grad_gram->data_ptr() : nullptr;
+  a.grad_storage = grad_logits.has_value() ? storage_of(*grad_logits) : a.storage;
   auto [d_xnorm, d_ctarget, d_tnorm] = lse_bwd_outputs(logits);
   auto [part_xn, part_cy] = split_partials(logits, class_splits);
   a.with_target = with_target;
@@ -382,10 +427,11 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
     const Tensor& target, const OptTensor& col_ids, int64_t col_offset, const Tensor& c_target,
     const Tensor& target_norm, int64_t num_classes, const Tensor& neg_lse,
     const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t class_splits,
-    bool with_target, int64_t kind, std::vector<double> params) {
+    bool with_target, const OptTensor& grad_logits, const OptTensor& grad_gram, int64_t kind,
+    std::vector<double> params) {
   return lse_bwd(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target,
                  target_norm, num_classes, neg_lse, grad_neg_lse, grad_target_logit, class_splits,
-                 with_target, kind, params, [&](const EpilogueArgs& a) {
+                 with_target, grad_logits, grad_gram, kind, params, [&](const EpilogueArgs& a) {
                    AT_DISPATCH_FLOATING_TYPES_AND2(
                        at::kHalf, at::kBFloat16, logits.scalar_type(), "margin_lse_bwd_cpu",
                        [&] { dispatch_family_cpu<scalar_t, BackwardCpu>(a); });
@@ -485,10 +531,12 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_meta(
     const Tensor& target, const OptTensor& col_ids, int64_t col_offset, const Tensor& c_target,
     const Tensor& target_norm, int64_t num_classes, const Tensor& neg_lse,
     const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t class_splits,
-    bool with_target, int64_t kind, std::vector<double> params) {
+    bool with_target, const OptTensor& grad_logits, const OptTensor& grad_gram, int64_t kind,
+    std::vector<double> params) {
   check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target,
                  target_norm, num_classes, class_splits, kind, params);
   check_bwd_vectors(logits, neg_lse, grad_neg_lse, grad_target_logit);
+  check_grad_buffers(logits, gram, grad_logits, grad_gram);
   return lse_bwd_outputs(logits);
 }
 
@@ -515,12 +563,13 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
     const Tensor& target, const OptTensor& col_ids, int64_t col_offset, const Tensor& c_target,
     const Tensor& target_norm, int64_t num_classes, const Tensor& neg_lse,
     const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t class_splits,
-    bool with_target, int64_t kind, std::vector<double> params) {
+    bool with_target, const OptTensor& grad_logits, const OptTensor& grad_gram, int64_t kind,
+    std::vector<double> params) {
   const c10::cuda::CUDAGuard guard(logits.device());
   return lse_bwd(
       logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target, target_norm,
-      num_classes, neg_lse, grad_neg_lse, grad_target_logit, class_splits, with_target, kind,
-      params,
+      num_classes, neg_lse, grad_neg_lse, grad_target_logit, class_splits, with_target,
+      grad_logits, grad_gram, kind, params,
       [&](const EpilogueArgs& a) { launch_lse_backward_cuda(a, current_stream(logits)); });
 }
 
@@ -562,14 +611,16 @@ TORCH_LIBRARY(margin_kernels, m) {
       "Tensor target, Tensor? col_ids, int col_offset, Tensor c_target, Tensor target_norm, "
       "int num_classes, Tensor(a!) running_lse, int class_splits, int kind, float[] params) "
       "-> Tensor");
-  // Backward epilogue: overwrites logits with dL/dz (and gram with dL/dh); returns per row this
-  // chunk's dL/d||x|| (raw dots held) and dL/dc_y, plus the target's terms and dL/d||W_y|| when
-  // with_target (set on exactly one chunk).
+  // Backward epilogue: overwrites logits with dL/dz (and gram with dL/dh), or, when grad_logits
+  // (grad_gram) are given (fp16/bf16 next to fp32 logits), writes them there and only reads the
+  // logits; returns per row this chunk's dL/d||x|| (raw dots held) and dL/dc_y, plus the
+  // target's terms and dL/d||W_y|| when with_target (set on exactly one chunk).
   m.def(
       "margin_lse_bwd(Tensor(a!) logits, Tensor(b!)? gram, Tensor x_norm, Tensor col_norm, "
       "Tensor target, Tensor? col_ids, int col_offset, Tensor c_target, Tensor target_norm, "
       "int num_classes, Tensor neg_lse, Tensor grad_neg_lse, Tensor grad_target_logit, "
-      "int class_splits, bool with_target, int kind, float[] params) -> (Tensor, Tensor, Tensor)");
+      "int class_splits, bool with_target, Tensor(c!)? grad_logits, Tensor(d!)? grad_gram, "
+      "int kind, float[] params) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(margin_kernels, CPU, m) {

@@ -356,6 +356,8 @@ def test_opcheck_every_op(name):
         torch.randn(rows, generator=g, dtype=torch.float64),
         a["class_splits"],
         True,
+        None,
+        None,
         a["kind"],
         a["params"],
     )
@@ -387,6 +389,42 @@ def test_ops_reject_bad_arguments():
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["cosface", "w_softmax"])
+def test_backward_writes_16bit_grad_buffers(name, dtype):
+    """With grad_logits (grad_gram) the backward epilogue writes dL/dz (dL/dh) there, rounded
+    once to the 16-bit dtype, and leaves the fp32 logits unchanged: the same values as the
+    in-place run."""
+    spec = ALL_SPECS[name]
+    ops = torch.ops.margin_kernels
+    a = _op_args(spec, dtype=torch.float32, cols=19)
+    a["col_ids"] = None
+    rows = a["logits"].shape[0]
+    grads = (torch.ones(rows), torch.full((rows,), 0.5))
+    neg_lse = a["running_lse"].clone()
+    ops.margin_lse_fwd(*{**a, "running_lse": neg_lse}.values())
+    head = list(a.values())[:10]
+    in_place = [t.clone() if isinstance(t, torch.Tensor) else t for t in head]
+    want = ops.margin_lse_bwd(
+        *in_place, neg_lse, *grads, 3, True, None, None, a["kind"], a["params"]
+    )
+    dz = torch.empty(a["logits"].shape, dtype=dtype)
+    dh = torch.empty(a["logits"].shape, dtype=dtype) if a["gram"] is not None else None
+    logits_before = a["logits"].clone()
+    bwd_args = (*head, neg_lse, *grads, 3, True, dz, dh, a["kind"], a["params"])
+    got = ops.margin_lse_bwd(*bwd_args)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert torch.equal(a["logits"], logits_before)
+    assert torch.equal(dz, in_place[0].to(dtype))
+    if dh is not None:
+        assert torch.equal(dh, in_place[1].to(dtype))
+    torch.library.opcheck(ops.margin_lse_bwd.default, bwd_args)
+    with pytest.raises(ValueError, match="grad_logits"):
+        ops.margin_lse_bwd(*head, neg_lse, *grads, 3, True, dz.float(), dh, a["kind"], a["params"])
+
+
+@needs_ext
 @pytest.mark.parametrize("name", ["cosface", "w_softmax", "sphereface_m4"])
 def test_split_segments_match_one_segment(name):
     """The (rows, class_splits) partials merged in split order equal the one-segment epilogue,
@@ -411,6 +449,8 @@ def test_split_segments_match_one_segment(name):
             torch.full_like(running, 0.5),
             splits,
             True,
+            None,
+            None,
             args["kind"],
             args["params"],
         )

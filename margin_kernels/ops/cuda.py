@@ -9,7 +9,8 @@ rows, so each GEMM is (B x D) by (D x S_c) and W is read once per pass:
   transform of ``csrc/margin_math.h``, the target column masked out, an online log-sum-exp over
   the chunk, merged into each row's running LSE carried across chunks;
 * backward, per chunk: ``z`` recomputed, the backward epilogue (``margin_lse_bwd``) overwrites it
-  with ``dL/dz`` in place; ``dX += dz W_c`` accumulated in fp32 across chunks;
+  with ``dL/dz`` in place (16-bit inputs on CUDA: writes ``dL/dz`` once, in the input dtype,
+  into the buffer the tensor-core GEMMs read); ``dX += dz W_c`` accumulated in fp32 across chunks;
   ``H_c = dz^T x`` and the column-norm chain term of the chunk
   ``dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2`` (a scale-invariant function of W_j has a gradient
   orthogonal to W_j) applied at once, so ``dW_c`` is written once, in W's dtype.
@@ -350,7 +351,13 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             col_norm = chunks.norms(w_op)
             logits = chunks.mm(chunks.x_mm, w_op.T)
             gram = chunks.mm(w_y_mm, w_op.T) if weighted else None
-            # logits := dL/dz, gram := dL/dh, in place
+            # dL/dz (dL/dh): in place over the fp32 logits (gram), or, for 16-bit GEMM operands
+            # (CUDA), written by the epilogue straight into buffers in the storage dtype
+            separate = w_op.dtype != logits.dtype
+            d_z = torch.empty(logits.shape, dtype=w_op.dtype, device=x.device) if separate else None
+            d_h = None
+            if separate and weighted:
+                d_h = torch.empty(gram.shape, dtype=w_op.dtype, device=x.device)
             dxn, dcy, dtn = torch.ops.margin_kernels.margin_lse_bwd(
                 logits,
                 gram,
@@ -367,6 +374,8 @@ class _ChunkedMarginLSE(torch.autograd.Function):
                 grad_target,
                 splits,
                 d_tnorm is None,
+                d_z,
+                d_h,
                 kind,
                 params,
             )
@@ -374,13 +383,8 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             d_ctarget += dcy
             if d_tnorm is None:
                 d_tnorm = dtn
-            # the GEMM operands: dL/dz in the storage dtype for 16-bit inputs on CUDA
-            d_z = logits if logits.dtype == w_op.dtype else logits.to(w_op.dtype)
-            d_h = (
-                None
-                if gram is None
-                else (gram if gram.dtype == w_op.dtype else gram.to(w_op.dtype))
-            )
+            if not separate:
+                d_z, d_h = logits, gram
             del logits, gram
             _accumulate(grad_x, chunks, d_z, w_op)
             if weighted:
