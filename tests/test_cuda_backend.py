@@ -773,3 +773,33 @@ def test_peak_memory_bounded_by_the_chunk(name, dtype, sampled):
     # the tracker sees a full-logits algorithm: the reference holds several (B, C) tensors
     ref = _peak_extra_bytes(reference.lse_parts, x, w, y, spec, class_ids)
     assert ref > logits_bytes
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("partial_fc", [False, True], ids=["all_classes", "class_ids"])
+@pytest.mark.parametrize("name", ["arcface_exact_fallback", "w_softmax", "lsoftmax_m4"])
+def test_gpu_path_for_16bit_inputs_emulated_on_cpu(monkeypatch, name, partial_fc, dtype):
+    """The CUDA path of 16-bit inputs, run on CPU: 16-bit GEMM operands with fp32 output (cuBLAS
+    out_dtype, emulated by an fp32 product of the 16-bit values), dL/dz written by the epilogue
+    into 16-bit buffers, the chain term's sliced row dots. Against the float64 reference."""
+
+    def fp32_output_mm(self, a, b):
+        # cuBLAS multiplies the 16-bit values exactly and accumulates in fp32
+        return torch.mm(a.to(self.compute), b.to(self.compute))
+
+    monkeypatch.setattr(cuda_backend, "_fp32_output_gemm", lambda device: True)
+    monkeypatch.setattr(cuda_backend._Chunks, "mm", fp32_output_mm)
+    monkeypatch.setattr(cuda_backend, "ROW_DOT_SLICE", 4)  # several slices of D = 6
+    spec = ALL_SPECS[name]
+    x, w, y = _problem(torch.float32)
+    x, w = x.to(dtype), w.to(dtype)
+    class_ids = torch.tensor([0, 3, 4, 7, 8, 12, 5]) if partial_fc else None
+    got = _parts_and_grads(cuda_backend._chunked_lse_parts, x, w, y, spec, class_ids, chunk_bytes=1)
+    want = _parts_and_grads(reference.lse_parts, x.double(), w.double(), y, spec, class_ids)
+    for label, a, b in zip(("loss", "neg_lse", "target", "dX", "dW"), got, want, strict=True):
+        assert a.dtype == (torch.float32 if label in ("loss", "neg_lse", "target") else dtype)
+        # fp32 logits: loss and LSE to fp32 rounding; gradients through dL/dz in the 16-bit dtype
+        eps = torch.finfo(torch.float32 if label in ("loss", "neg_lse", "target") else dtype).eps
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double(), b, rtol=16 * eps, atol=16 * eps * scale, msg=label)

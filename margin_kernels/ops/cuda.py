@@ -220,6 +220,12 @@ def _norm_and_direction(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return norm, direction
 
 
+def _fp32_output_gemm(device: torch.device) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for 16-bit operands on
+    ``device`` (cuBLAS on CUDA, torch 2.11 and 2.14; CPU has no such kernel)."""
+    return device.type == "cuda"
+
+
 class _Chunks:
     """The class chunks of one call: the columns of chunk k, their W rows, the fp32 GEMMs."""
 
@@ -230,7 +236,7 @@ class _Chunks:
         self.size = classes_per_chunk
         self.starts = range(0, max(1, self.num_cols), classes_per_chunk)
         # CPU has no fp32-output 16-bit GEMM: x (O(B D)) and each chunk of W go up to fp32.
-        self.upcast = x.dtype != compute and x.device.type != "cuda"
+        self.upcast = x.dtype != compute and not _fp32_output_gemm(x.device)
         self.x_mm = x.to(compute) if self.upcast else x
 
     def columns(self, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
