@@ -201,8 +201,8 @@ __device__ __forceinline__ Segment block_segment(const EpilogueArgs& a) {
 // Merge pass of the forward epilogue, one row: the split partials into the running LSE, and the
 // target logit.
 template <typename M>
-__device__ __forceinline__ void finish_forward_row(const EpilogueArgs& a,
-                                                   const MarginParams<M>& p, int64_t row) {
+__device__ __forceinline__ void finish_forward_row(const EpilogueArgs& a, const MarginParams<M>& p,
+                                                   int64_t row) {
   const int64_t splits = a.class_splits;
   M* running = static_cast<M*>(a.running_lse);
   running[row] = merge_running_lse(running[row], static_cast<const M*>(a.partial_a) + row * splits,
@@ -217,15 +217,14 @@ __device__ __forceinline__ void finish_forward_row(const EpilogueArgs& a,
 // Merge pass of the backward epilogue, one row: split partials summed in split order, plus the
 // target's terms on the one chunk that carries them.
 template <typename M>
-__device__ __forceinline__ void finish_backward_row(const EpilogueArgs& a,
-                                                    const MarginParams<M>& p, int64_t row) {
+__device__ __forceinline__ void finish_backward_row(const EpilogueArgs& a, const MarginParams<M>& p,
+                                                    int64_t row) {
   const int64_t splits = a.class_splits;
   const RowInputs<M> r = load_row<M>(a, row);
   M t_c, t_xn, t_wn;
   const M wy_norm = static_cast<const M*>(a.target_norm)[row];
   target_logit(p, r.c_y, r.x_norm, wy_norm, &t_c, &t_xn, &t_wn);
-  const M grad_t =
-      a.with_target && r.has_target ? static_cast<const M*>(a.grad_target)[row] : M(0);
+  const M grad_t = a.with_target && r.has_target ? static_cast<const M*>(a.grad_target)[row] : M(0);
   const M d_xn = sum_partials(static_cast<const M*>(a.partial_a) + row * splits, splits);
   const M d_cy = sum_partials(static_cast<const M*>(a.partial_b) + row * splits, splits);
   static_cast<M*>(a.row_d_xnorm)[row] = d_xn + grad_t * t_xn;
@@ -287,8 +286,8 @@ __global__ void __launch_bounds__(kThreads)
   M d_xn = M(0);
   M d_cy = M(0);
   constexpr bool kInPlace = std::is_same<S, O>::value;
-  O* dz_row = kInPlace ? nullptr
-                       : static_cast<O*>(a.grad_logits) + row * a.num_cols + segment.first;
+  O* dz_row =
+      kInPlace ? nullptr : static_cast<O*>(a.grad_logits) + row * a.num_cols + segment.first;
   O* dh_row = kInPlace || F != kWeighted
                   ? nullptr
                   : static_cast<O*>(a.grad_gram) + row * a.num_cols + segment.first;

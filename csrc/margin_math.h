@@ -437,7 +437,8 @@ MK_HD int64_t segment_length(int64_t num_cols, int64_t splits) {
 template <typename T>
 MK_HD T merge_running_lse(T running, const T* part_max, const T* part_sum, int64_t splits) {
   LseState<T> chunk{part_max[0], part_sum[0]};
-  for (int64_t s = 1; s < splits; ++s) chunk = lse_merge(chunk, LseState<T>{part_max[s], part_sum[s]});
+  for (int64_t s = 1; s < splits; ++s)
+    chunk = lse_merge(chunk, LseState<T>{part_max[s], part_sum[s]});
   return lse_value(lse_merge(lse_state_of(running), chunk));
 }
 

@@ -196,8 +196,7 @@ void lse_forward_cpu(const EpilogueArgs& a) {
           merge_running_lse(running[row], part_max + row * splits, part_sum + row * splits, splits);
       const int64_t target = a.target[row];
       M d_c, d_xn, d_wn;
-      const M t =
-          target_logit(p, c_target[row], x_norm[row], target_norm[row], &d_c, &d_xn, &d_wn);
+      const M t = target_logit(p, c_target[row], x_norm[row], target_norm[row], &d_c, &d_xn, &d_wn);
       target_logit_out[row] = target >= 0 && target < a.num_classes ? t : M(0);
     }
   });
@@ -342,9 +341,8 @@ Tensor margin_lse_fwd_cpu(const Tensor& logits, const OptTensor& gram, const Ten
                           int64_t col_offset, const Tensor& c_target, const Tensor& target_norm,
                           int64_t num_classes, const Tensor& running_lse, int64_t class_splits,
                           int64_t kind, std::vector<double> params) {
-  return lse_fwd(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target,
-                 target_norm, num_classes, running_lse, class_splits, kind, params,
-                 [&](const EpilogueArgs& a) {
+  return lse_fwd(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target, target_norm,
+                 num_classes, running_lse, class_splits, kind, params, [&](const EpilogueArgs& a) {
                    AT_DISPATCH_FLOATING_TYPES_AND2(
                        at::kHalf, at::kBFloat16, logits.scalar_type(), "margin_lse_fwd_cpu",
                        [&] { dispatch_family_cpu<scalar_t, ForwardCpu>(a); });
@@ -376,11 +374,11 @@ void check_grad_buffers(const Tensor& logits, const OptTensor& gram, const OptTe
   TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat &&
                         (g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16),
                     "margin_kernels: grad_logits must be float16/bfloat16 next to float32 logits, "
-                    "got ", g.scalar_type(), " next to ", logits.scalar_type());
-  TORCH_CHECK_VALUE(g.sizes() == logits.sizes() && g.device() == logits.device() &&
-                        g.is_contiguous(),
-                    "margin_kernels: grad_logits must be contiguous ", logits.sizes(), ", got ",
-                    g.sizes());
+                    "got ",
+                    g.scalar_type(), " next to ", logits.scalar_type());
+  TORCH_CHECK_VALUE(
+      g.sizes() == logits.sizes() && g.device() == logits.device() && g.is_contiguous(),
+      "margin_kernels: grad_logits must be contiguous ", logits.sizes(), ", got ", g.sizes());
   TORCH_CHECK_VALUE(grad_gram.has_value() == gram.has_value(),
                     "margin_kernels: grad_gram is required with gram and only with it");
   if (grad_gram.has_value()) {
@@ -429,9 +427,9 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cpu(
     const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t class_splits,
     bool with_target, const OptTensor& grad_logits, const OptTensor& grad_gram, int64_t kind,
     std::vector<double> params) {
-  return lse_bwd(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target,
-                 target_norm, num_classes, neg_lse, grad_neg_lse, grad_target_logit, class_splits,
-                 with_target, grad_logits, grad_gram, kind, params, [&](const EpilogueArgs& a) {
+  return lse_bwd(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target, target_norm,
+                 num_classes, neg_lse, grad_neg_lse, grad_target_logit, class_splits, with_target,
+                 grad_logits, grad_gram, kind, params, [&](const EpilogueArgs& a) {
                    AT_DISPATCH_FLOATING_TYPES_AND2(
                        at::kHalf, at::kBFloat16, logits.scalar_type(), "margin_lse_bwd_cpu",
                        [&] { dispatch_family_cpu<scalar_t, BackwardCpu>(a); });
@@ -520,8 +518,8 @@ Tensor margin_lse_fwd_meta(const Tensor& logits, const OptTensor& gram, const Te
                            int64_t col_offset, const Tensor& c_target, const Tensor& target_norm,
                            int64_t num_classes, const Tensor& running_lse, int64_t class_splits,
                            int64_t kind, std::vector<double> params) {
-  check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target,
-                 target_norm, num_classes, class_splits, kind, params);
+  check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target, target_norm,
+                 num_classes, class_splits, kind, params);
   check_vector("running_lse", running_lse, logits.size(0), math_dtype(logits), logits);
   return lse_fwd_output(logits);
 }
@@ -533,8 +531,8 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_meta(
     const Tensor& grad_neg_lse, const Tensor& grad_target_logit, int64_t class_splits,
     bool with_target, const OptTensor& grad_logits, const OptTensor& grad_gram, int64_t kind,
     std::vector<double> params) {
-  check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target,
-                 target_norm, num_classes, class_splits, kind, params);
+  check_epilogue(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target, target_norm,
+                 num_classes, class_splits, kind, params);
   check_bwd_vectors(logits, neg_lse, grad_neg_lse, grad_target_logit);
   check_grad_buffers(logits, gram, grad_logits, grad_gram);
   return lse_bwd_outputs(logits);
@@ -553,9 +551,10 @@ Tensor margin_lse_fwd_cuda(const Tensor& logits, const OptTensor& gram, const Te
                            int64_t num_classes, const Tensor& running_lse, int64_t class_splits,
                            int64_t kind, std::vector<double> params) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  return lse_fwd(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target,
-                 target_norm, num_classes, running_lse, class_splits, kind, params,
-                 [&](const EpilogueArgs& a) { launch_lse_forward_cuda(a, current_stream(logits)); });
+  return lse_fwd(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target, target_norm,
+                 num_classes, running_lse, class_splits, kind, params, [&](const EpilogueArgs& a) {
+                   launch_lse_forward_cuda(a, current_stream(logits));
+                 });
 }
 
 std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
@@ -566,11 +565,11 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
     bool with_target, const OptTensor& grad_logits, const OptTensor& grad_gram, int64_t kind,
     std::vector<double> params) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  return lse_bwd(
-      logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target, target_norm,
-      num_classes, neg_lse, grad_neg_lse, grad_target_logit, class_splits, with_target,
-      grad_logits, grad_gram, kind, params,
-      [&](const EpilogueArgs& a) { launch_lse_backward_cuda(a, current_stream(logits)); });
+  return lse_bwd(logits, gram, x_norm, col_norm, target, col_ids, col_offset, c_target, target_norm,
+                 num_classes, neg_lse, grad_neg_lse, grad_target_logit, class_splits, with_target,
+                 grad_logits, grad_gram, kind, params, [&](const EpilogueArgs& a) {
+                   launch_lse_backward_cuda(a, current_stream(logits));
+                 });
 }
 
 std::tuple<Tensor, Tensor> margin_transform_cuda(const Tensor& cos, const Tensor& x_norm,
