@@ -142,6 +142,16 @@ void store_as(void* base, Storage storage, int64_t idx, M value) {
   }
 }
 
+// Grain of the CPU loops: a task covers at least kElementsPerTask logits (one segment per work
+// item), so that small problems run inline instead of waking the thread pool for a few hundred
+// elements; the merge pass is O(B) and runs in tasks of kRowsPerMergeTask rows.
+constexpr int64_t kElementsPerTask = 16384;
+constexpr int64_t kRowsPerMergeTask = 4096;
+
+inline int64_t items_per_task(int64_t segment_columns) {
+  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, segment_columns));
+}
+
 // Class id of column j of the chunk.
 inline int64_t class_of(const EpilogueArgs& a, int64_t j) {
   return a.col_ids ? a.col_ids[j] : a.col_offset + j;
@@ -162,7 +172,7 @@ void lse_forward_cpu(const EpilogueArgs& a) {
   const int64_t splits = a.class_splits;
   const int64_t seg = segment_length(a.num_cols, splits);
   // First pass: work item (row, split) reduces its class segment to an LSE state.
-  at::parallel_for(0, a.num_rows * splits, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.num_rows * splits, items_per_task(seg), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item / splits;
       const int64_t first = (item % splits) * seg;
@@ -190,7 +200,7 @@ void lse_forward_cpu(const EpilogueArgs& a) {
   // Second pass, per row: merge the partials in split order into the running LSE.
   M* running = static_cast<M*>(a.running_lse);
   M* target_logit_out = static_cast<M*>(a.target_logit);
-  at::parallel_for(0, a.num_rows, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.num_rows, kRowsPerMergeTask, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       running[row] =
           merge_running_lse(running[row], part_max + row * splits, part_sum + row * splits, splits);
@@ -219,7 +229,7 @@ void lse_backward_cpu(const EpilogueArgs& a) {
   M* part_cy = static_cast<M*>(a.partial_b);
   const int64_t splits = a.class_splits;
   const int64_t seg = segment_length(a.num_cols, splits);
-  at::parallel_for(0, a.num_rows * splits, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.num_rows * splits, items_per_task(seg), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item / splits;
       const int64_t first = (item % splits) * seg;
@@ -264,7 +274,7 @@ void lse_backward_cpu(const EpilogueArgs& a) {
   M* row_d_xnorm = static_cast<M*>(a.row_d_xnorm);
   M* row_d_ctarget = static_cast<M*>(a.row_d_ctarget);
   M* row_d_tnorm = static_cast<M*>(a.row_d_tnorm);
-  at::parallel_for(0, a.num_rows, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.num_rows, kRowsPerMergeTask, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t target = a.target[row];
       M t_c, t_xn, t_wn;
