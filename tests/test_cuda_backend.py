@@ -662,10 +662,10 @@ def _psi_sweep(m: int) -> torch.Tensor:
 
 
 @needs_ext
-@pytest.mark.parametrize("m", range(5, 11))
+@pytest.mark.parametrize("m", [*range(5, 11), 16])
 @pytest.mark.parametrize("kind", ["lsoftmax", "sphereface"])
 def test_psi_large_m_cosine_sweep_matches_reference(kind, m):
-    """m = 5..10: T_m and dT_m/dc by recurrence, k by m - 1 sign tests, in C++ against the
+    """m = 5..10 and 16 (the largest): T_m and dT_m/dc by recurrence, k by m - 1 sign tests, in C++ against the
     reference (value and autograd derivative) over a sweep through every branch."""
     spec = getattr(MarginSpec, kind)(m, lam=0.5)
     c = _psi_sweep(m)
