@@ -35,7 +35,8 @@ gradients, is at most ``ChunkPlan.extra_bytes`` = ``S_c * per_class + per_rows``
   for the chain term, CUDA) (+ ``4 D`` on CPU: the chunk of W in fp32, CPU has no fp32-output
   16-bit GEMM) + with ``class_ids`` ``2 e D`` (the gathered W_c and H_c,
   e = itemsize);
-* ``per_rows`` = ``L (10 B D + 24 B + 2 S + 4 B class_splits)`` (norms, the target rows W_y and
+* ``per_rows`` = ``L (10 B D + 24 B + 2 S + 4 B class_splits)`` (norms, ||W_j|| of the S classes
+  kept from the forward, the target rows W_y and
   the fp32 dX accumulators: O(B D + C)).
 
 ``S_c = clamp(chunk_bytes // per_class, 1, S)``; ``chunk_bytes`` from the keyword, else
@@ -251,9 +252,9 @@ class _Chunks:
         """W_c as the GEMMs take it (fp32 on CPU for 16-bit storage)."""
         return w_c.to(self.compute) if self.upcast else w_c
 
-    def norms(self, w_op: torch.Tensor) -> torch.Tensor:
-        """max(||W_j||, eps) of the chunk, in the compute dtype."""
-        return torch.linalg.vector_norm(w_op, dim=-1, dtype=self.compute).clamp_min(NORM_EPS)
+    def raw_norms(self, w_op: torch.Tensor) -> torch.Tensor:
+        """||W_j|| of the chunk (unclamped), in the compute dtype."""
+        return torch.linalg.vector_norm(w_op, dim=-1, dtype=self.compute)
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b in the compute dtype: cuBLAS with fp32 output for 16-bit operands on CUDA."""
@@ -292,10 +293,15 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         weighted = kind == KIND_IDS["w_softmax"]
         splits = plan.epilogue_grid[1]
         neg_lse = torch.full_like(x_norm, -math.inf)
+        # ||W_j|| of every participating class (O(C)), kept for the backward: W is read once
+        # for them, here, not again per backward chunk
+        col_raw = torch.empty(chunks.num_cols, dtype=compute, device=x.device)
         target_logit = None
         for start in chunks.starts:
             w_c, ids = chunks.columns(start)
             w_op = chunks.operand(w_c)
+            raw = col_raw[start : start + w_c.shape[0]]
+            raw.copy_(chunks.raw_norms(w_op))
             logits = chunks.mm(chunks.x_mm, w_op.T)
             gram = chunks.mm(w_y_mm, w_op.T) if weighted else None
             # neg_lse := logaddexp(neg_lse, LSE of this chunk), in place
@@ -303,7 +309,7 @@ class _ChunkedMarginLSE(torch.autograd.Function):
                 logits,
                 gram,
                 x_norm,
-                chunks.norms(w_op),
+                raw.clamp_min(NORM_EPS),
                 target,
                 ids,
                 start,
@@ -318,14 +324,14 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             if target_logit is None:
                 target_logit = t
             del logits, gram
-        ctx.save_for_backward(x, weight, target, class_ids, neg_lse, c_y)
+        ctx.save_for_backward(x, weight, target, class_ids, neg_lse, c_y, col_raw)
         ctx.params = (kind, params, plan, deterministic)
         return neg_lse, target_logit
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_neg_lse: torch.Tensor, grad_target: torch.Tensor):
-        x, weight, target, class_ids, neg_lse, c_y = ctx.saved_tensors
+        x, weight, target, class_ids, neg_lse, c_y, col_raw = ctx.saved_tensors
         kind, params, plan, deterministic = ctx.params
         compute = neg_lse.dtype
         grad_neg_lse = grad_neg_lse.to(compute).contiguous()
@@ -354,7 +360,8 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         for start in chunks.starts:
             w_c, ids = chunks.columns(start)
             w_op = chunks.operand(w_c)
-            col_norm = chunks.norms(w_op)
+            raw = col_raw[start : start + w_c.shape[0]]
+            col_norm = raw.clamp_min(NORM_EPS)
             logits = chunks.mm(chunks.x_mm, w_op.T)
             gram = chunks.mm(w_y_mm, w_op.T) if weighted else None
             # dL/dz (dL/dh): in place over the fp32 logits (gram), or, for 16-bit GEMM operands
@@ -404,7 +411,6 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             del d_z, d_h
             if normalizes_weight:
                 # dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2 (0 where the eps clamp holds ||W_j||)
-                raw = torch.linalg.vector_norm(w_op, dim=-1, dtype=compute)
                 radial = _row_dots(h_c, w_op)
                 coef = torch.where(raw >= NORM_EPS, radial / col_norm.square(), 0)
                 h_c.addcmul_(w_op, coef[:, None].to(h_c.dtype), value=-1)
