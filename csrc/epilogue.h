@@ -62,7 +62,25 @@ struct EpilogueArgs {
   void* row_d_tnorm;
 };
 
+// Column-norm chain term of one chunk of dW rows (see margin_ops.cpp): out_j = H_j -
+// [||W_j|| >= eps] (W_j . H_j) / max(||W_j||, eps)^2 W_j. H in the math type (fp32/fp64), W and
+// out in the storage type; rows of `dim` unit-stride elements, row strides in elements. out may
+// be H itself (fp32/fp64 storage): each element is read and then written by the same thread.
+struct ColumnChainArgs {
+  Storage storage;  // of w and out
+  int64_t rows;
+  int64_t dim;
+  const void* h;
+  int64_t h_stride;
+  const void* w;
+  int64_t w_stride;
+  const void* raw_norm;  // (rows,) ||W_j||, math type
+  void* out;
+  int64_t out_stride;
+};
+
 // CUDA launchers (margin_epilogue.cu); stream is a cudaStream_t.
+void launch_column_chain_cuda(const ColumnChainArgs& args, void* stream);
 void launch_lse_forward_cuda(const EpilogueArgs& args, void* stream);
 void launch_lse_backward_cuda(const EpilogueArgs& args, void* stream);
 void launch_margin_transform_cuda(int kind, const double* params, bool target, Storage storage,

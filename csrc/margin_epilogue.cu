@@ -455,7 +455,46 @@ void launch_transform(int kind, const double* params, bool target, int64_t n, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// One block per dW row j: the dot W_j . H_j reduced over the block, then every element of the
+// row rewritten as H_j - coef W_j in the storage dtype (one read of H and W, one write of dW).
+template <typename M, typename S>
+__global__ void __launch_bounds__(kThreads) column_chain_kernel(ColumnChainArgs a) {
+  __shared__ M scratch[kWarps];
+  const int64_t row = blockIdx.x;
+  const M* h = static_cast<const M*>(a.h) + row * a.h_stride;
+  const S* w = static_cast<const S*>(a.w) + row * a.w_stride;
+  S* out = static_cast<S*>(a.out) + row * a.out_stride;
+  M dot = M(0);
+  for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) dot += h[d] * to_math(w[d]);
+  dot = block_sum(dot, scratch);
+  const M coef = column_chain_coef(dot, static_cast<const M*>(a.raw_norm)[row]);
+  for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) {
+    out[d] = from_math<S>(h[d] - coef * to_math(w[d]));
+  }
+}
+
+template <typename M, typename S>
+void launch_column_chain(const ColumnChainArgs& a, cudaStream_t stream) {
+  column_chain_kernel<M, S><<<static_cast<unsigned>(a.rows), kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
+
+void launch_column_chain_cuda(const ColumnChainArgs& args, void* stream) {
+  if (args.rows == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (args.storage) {
+    case Storage::kFloat16:
+      return launch_column_chain<float, __half>(args, s);
+    case Storage::kBFloat16:
+      return launch_column_chain<float, __nv_bfloat16>(args, s);
+    case Storage::kFloat64:
+      return launch_column_chain<double, double>(args, s);
+    default:
+      return launch_column_chain<float, float>(args, s);
+  }
+}
 
 void launch_lse_forward_cuda(const EpilogueArgs& args, void* stream) {
   if (args.num_rows == 0) return;

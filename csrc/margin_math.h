@@ -450,4 +450,13 @@ MK_HD T sum_partials(const T* part, int64_t splits) {
   return total;
 }
 
+// Coefficient of W_j in the column-norm chain term: (W_j . H_j) / max(||W_j||, eps)^2 where the
+// norm is above eps, 0 where the eps clamp holds it constant (a scale-invariant function of W_j
+// has a gradient orthogonal to W_j: dW_j = H_j - coef W_j).
+template <typename T>
+MK_HD T column_chain_coef(T dot, T raw_norm) {
+  if (!(raw_norm >= T(kNormEps))) return raw_norm != raw_norm ? raw_norm : T(0);
+  return dot / (raw_norm * raw_norm);
+}
+
 }  // namespace margin_kernels

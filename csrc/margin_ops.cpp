@@ -511,6 +511,80 @@ std::tuple<Tensor, Tensor> margin_transform_cpu(const Tensor& cos, const Tensor&
   return {value, deriv};
 }
 
+// Column-norm chain term of a chunk of dW rows: checks and the argument block, shared by every
+// device. h (R, D) in the math dtype of w; w (R, D) and out (R, D) in the storage dtype; raw_norm
+// (R,) in the math dtype; unit stride along D. out absent: written over h (fp32/fp64 storage).
+void check_column_chain(const Tensor& h, const Tensor& w, const Tensor& raw_norm,
+                        const OptTensor& out) {
+  TORCH_CHECK_VALUE(w.dim() == 2 && h.sizes() == w.sizes(), "margin_kernels: h and w must be ",
+                    "(R, D) of one shape, got ", h.sizes(), " and ", w.sizes());
+  storage_of(w);  // w: float16, bfloat16, float32 or float64
+  const at::ScalarType md = math_dtype(w);
+  TORCH_CHECK_VALUE(h.scalar_type() == md, "margin_kernels: h must be ", md, ", got ",
+                    h.scalar_type());
+  check_vector("raw_norm", raw_norm, w.size(0), md, w);
+  const Tensor& target = out.has_value() ? *out : h;
+  TORCH_CHECK_VALUE(target.sizes() == w.sizes() && target.scalar_type() == w.scalar_type(),
+                    "margin_kernels: out must be like w (", w.sizes(), ", ", w.scalar_type(),
+                    "), got ", target.sizes(), " ", target.scalar_type(),
+                    out.has_value() ? "" : " (h is written when out is absent)");
+  for (const Tensor* t : {&h, &w, &target}) {
+    TORCH_CHECK_VALUE(t->device() == w.device(), "margin_kernels: h, w, out on one device");
+    TORCH_CHECK_VALUE(t->size(0) <= 1 || t->size(1) <= 1 || t->stride(1) == 1,
+                      "margin_kernels: h, w and out need unit stride along D");
+  }
+}
+
+// The argument block of a checked call (data pointers: not for fake tensors).
+ColumnChainArgs column_chain_args(const Tensor& h, const Tensor& w, const Tensor& raw_norm,
+                                  const OptTensor& out) {
+  check_column_chain(h, w, raw_norm, out);
+  const Tensor& target = out.has_value() ? *out : h;
+  const Storage storage = storage_of(w);
+  ColumnChainArgs a{};
+  a.storage = storage;
+  a.rows = w.size(0);
+  a.dim = w.size(1);
+  a.h = h.data_ptr();
+  a.h_stride = h.size(0) > 1 ? h.stride(0) : a.dim;
+  a.w = w.data_ptr();
+  a.w_stride = w.size(0) > 1 ? w.stride(0) : a.dim;
+  a.raw_norm = raw_norm.data_ptr();
+  a.out = target.data_ptr();
+  a.out_stride = target.size(0) > 1 ? target.stride(0) : a.dim;
+  return a;
+}
+
+template <typename S>
+void column_chain_cpu(const ColumnChainArgs& a) {
+  using M = at::opmath_type<S>;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, a.dim));
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const M* h = static_cast<const M*>(a.h) + row * a.h_stride;
+      const S* w = static_cast<const S*>(a.w) + row * a.w_stride;
+      S* out = static_cast<S*>(a.out) + row * a.out_stride;
+      M dot = M(0);
+      for (int64_t d = 0; d < a.dim; ++d) dot += h[d] * static_cast<M>(w[d]);
+      const M coef = column_chain_coef(dot, static_cast<const M*>(a.raw_norm)[row]);
+      for (int64_t d = 0; d < a.dim; ++d)
+        out[d] = static_cast<S>(h[d] - coef * static_cast<M>(w[d]));
+    }
+  });
+}
+
+void margin_column_chain_cpu(const Tensor& h, const Tensor& w, const Tensor& raw_norm,
+                             const OptTensor& out) {
+  const ColumnChainArgs a = column_chain_args(h, w, raw_norm, out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "margin_column_chain",
+                                  [&] { column_chain_cpu<scalar_t>(a); });
+}
+
+void margin_column_chain_meta(const Tensor& h, const Tensor& w, const Tensor& raw_norm,
+                              const OptTensor& out) {
+  check_column_chain(h, w, raw_norm, out);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Meta: shapes and dtypes only (fake tensors, torch.compile, opcheck).
 
@@ -582,6 +656,13 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
                  });
 }
 
+void margin_column_chain_cuda(const Tensor& h, const Tensor& w, const Tensor& raw_norm,
+                              const OptTensor& out) {
+  const ColumnChainArgs a = column_chain_args(h, w, raw_norm, out);
+  const c10::cuda::CUDAGuard guard(w.device());
+  launch_column_chain_cuda(a, current_stream(w));
+}
+
 std::tuple<Tensor, Tensor> margin_transform_cuda(const Tensor& cos, const Tensor& x_norm,
                                                  const Tensor& w_norm, const OptTensor& c_target,
                                                  const OptTensor& gram, int64_t kind,
@@ -630,21 +711,27 @@ TORCH_LIBRARY(margin_kernels, m) {
       "int num_classes, Tensor neg_lse, Tensor grad_neg_lse, Tensor grad_target_logit, "
       "int class_splits, bool with_target, Tensor(c!)? grad_logits, Tensor(d!)? grad_gram, "
       "int kind, float[] params) -> (Tensor, Tensor, Tensor)");
+  // Column-norm chain term of a chunk of dW rows: out_j (or h_j in place when out is absent) =
+  // h_j - [||W_j|| >= eps] (W_j . h_j) / ||W_j||^2 W_j, written in w's dtype.
+  m.def("margin_column_chain(Tensor(a!) h, Tensor w, Tensor raw_norm, Tensor(b!)? out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(margin_kernels, CPU, m) {
+  m.impl("margin_column_chain", &margin_column_chain_cpu);
   m.impl("margin_transform", &margin_transform_cpu);
   m.impl("margin_lse_fwd", &margin_lse_fwd_cpu);
   m.impl("margin_lse_bwd", &margin_lse_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(margin_kernels, Meta, m) {
+  m.impl("margin_column_chain", &margin_column_chain_meta);
   m.impl("margin_transform", &margin_transform_meta);
   m.impl("margin_lse_fwd", &margin_lse_fwd_meta);
   m.impl("margin_lse_bwd", &margin_lse_bwd_meta);
 }
 
 TORCH_LIBRARY_IMPL(margin_kernels, CUDA, m) {
+  m.impl("margin_column_chain", &margin_column_chain_cuda);
   m.impl("margin_transform", &margin_transform_cuda);
   m.impl("margin_lse_fwd", &margin_lse_fwd_cuda);
   m.impl("margin_lse_bwd", &margin_lse_bwd_cuda);

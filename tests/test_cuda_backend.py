@@ -279,9 +279,9 @@ def test_chunk_plan_budget(monkeypatch):
     assert plan.classes_per_chunk == 256 * 2**20 // (4 * 1024) == 65536
     assert plan.num_chunks == math.ceil(10**6 / 65536)
     assert plan.logits_dtype == torch.float32
-    # bf16: + 2 B (dL/dz in bf16) + 4 D (H_c in fp32) + 4 * 64 (a slice of W_c in fp32)
+    # bf16: + 2 B (dL/dz in bf16) + 4 D (H_c in fp32) per class
     bf16 = cuda_backend.chunk_plan(1024, 10**6, 512, torch.bfloat16, "arcface")
-    assert bf16.classes_per_chunk == 256 * 2**20 // (4 * 1024 + 2 * 1024 + 4 * 512 + 4 * 64)
+    assert bf16.classes_per_chunk == 256 * 2**20 // (4 * 1024 + 2 * 1024 + 4 * 512) == 32768
     assert bf16.logits_dtype == torch.float32
     # W-Softmax holds a second (gram) buffer
     w_soft = cuda_backend.chunk_plan(1024, 10**6, 512, torch.float32, "w_softmax")
@@ -665,8 +665,9 @@ def _psi_sweep(m: int) -> torch.Tensor:
 @pytest.mark.parametrize("m", [*range(5, 11), 16])
 @pytest.mark.parametrize("kind", ["lsoftmax", "sphereface"])
 def test_psi_large_m_cosine_sweep_matches_reference(kind, m):
-    """m = 5..10 and 16 (the largest): T_m and dT_m/dc by recurrence, k by m - 1 sign tests, in C++ against the
-    reference (value and autograd derivative) over a sweep through every branch."""
+    """m = 5..10 and 16 (the largest): T_m and dT_m/dc by recurrence, k by m - 1 sign tests, in
+    C++ against the reference (value and autograd derivative) over a sweep through every
+    branch."""
     spec = getattr(MarginSpec, kind)(m, lam=0.5)
     c = _psi_sweep(m)
     g = torch.Generator().manual_seed(m)
@@ -782,7 +783,7 @@ def test_peak_memory_bounded_by_the_chunk(name, dtype, sampled):
 def test_gpu_path_for_16bit_inputs_emulated_on_cpu(monkeypatch, name, partial_fc, dtype):
     """The CUDA path of 16-bit inputs, run on CPU: 16-bit GEMM operands with fp32 output (cuBLAS
     out_dtype, emulated by an fp32 product of the 16-bit values), dL/dz written by the epilogue
-    into 16-bit buffers, the chain term's sliced row dots. Against the float64 reference."""
+    into 16-bit buffers, the chain pass writing 16-bit dW rows. Against the float64 reference."""
 
     def fp32_output_mm(self, a, b):
         # cuBLAS multiplies the 16-bit values exactly and accumulates in fp32
@@ -790,7 +791,6 @@ def test_gpu_path_for_16bit_inputs_emulated_on_cpu(monkeypatch, name, partial_fc
 
     monkeypatch.setattr(cuda_backend, "_fp32_output_gemm", lambda device: True)
     monkeypatch.setattr(cuda_backend._Chunks, "mm", fp32_output_mm)
-    monkeypatch.setattr(cuda_backend, "ROW_DOT_SLICE", 4)  # several slices of D = 6
     spec = ALL_SPECS[name]
     x, w, y = _problem(torch.float32)
     x, w = x.to(dtype), w.to(dtype)
@@ -803,3 +803,38 @@ def test_gpu_path_for_16bit_inputs_emulated_on_cpu(monkeypatch, name, partial_fc
         eps = torch.finfo(torch.float32 if label in ("loss", "neg_lse", "target") else dtype).eps
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a.double(), b, rtol=16 * eps, atol=16 * eps * scale, msg=label)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_column_chain_pass(dtype):
+    """margin_column_chain: dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2 in one pass, 0 coefficient
+    where the eps clamp holds ||W_j|| (a zero row), written in W's dtype; in place over H for
+    fp32/fp64; a NaN row of W stays NaN."""
+    ops = torch.ops.margin_kernels
+    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(9, 37, generator=g).to(dtype)
+    w[4] = 0
+    w[6, 3] = float("nan")
+    h = torch.randn(9, 37, generator=g, dtype=math_dtype)
+    raw = torch.linalg.vector_norm(w.to(math_dtype), dim=-1)
+    wf = w.to(math_dtype)
+    coef = torch.where(raw >= 1e-12, (wf * h).sum(-1) / raw.square(), 0)
+    coef[6] = float("nan")
+    want = (h - coef[:, None] * wf).to(dtype)
+    out = torch.empty_like(w)
+    ops.margin_column_chain(h, w, raw, out)
+    torch.testing.assert_close(out, want, equal_nan=True)
+    torch.testing.assert_close(out[4], h[4].to(dtype))
+    assert torch.isnan(out[6]).all()
+    torch.library.opcheck(ops.margin_column_chain.default, (h, w, raw, out))
+    if dtype == math_dtype:
+        in_place = h.clone()
+        ops.margin_column_chain(in_place, w, raw, None)
+        torch.testing.assert_close(in_place, want, equal_nan=True)
+    else:
+        with pytest.raises(ValueError, match="out must be like w"):
+            ops.margin_column_chain(h, w, raw, None)
+    with pytest.raises(ValueError, match="unit stride"):
+        ops.margin_column_chain(h, w, raw, torch.empty(37, 9, dtype=dtype).T)

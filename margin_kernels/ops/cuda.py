@@ -13,7 +13,8 @@ rows, so each GEMM is (B x D) by (D x S_c) and W is read once per pass:
   into the buffer the tensor-core GEMMs read); ``dX += dz W_c`` accumulated in fp32 across chunks;
   ``H_c = dz^T x`` and the column-norm chain term of the chunk
   ``dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2`` (a scale-invariant function of W_j has a gradient
-  orthogonal to W_j) applied at once, so ``dW_c`` is written once, in W's dtype.
+  orthogonal to W_j) applied at once by one pass (``margin_column_chain``: a block per row reads
+  H_j and W_j and writes dW_j), so ``dW_c`` is written once, in W's dtype.
 
 The epilogues run on a (B, class_splits) grid: rows are split into class segments when B alone
 would not give several blocks per SM, and the split partials are merged in a fixed order, so the
@@ -31,9 +32,8 @@ gradients, is at most ``ChunkPlan.extra_bytes`` = ``S_c * per_class + per_rows``
 * ``per_class`` (bytes per class of a chunk, :func:`chunk_plan`) =
   ``n B L`` (the fp32 logits buffer, L = 4, 8 for float64; n = 2 for W-Softmax's gram buffer,
   else 1) + for 16-bit inputs ``n B 2`` (dL/dz in the storage dtype for the tensor-core GEMMs,
-  CUDA), ``4 D`` (the chunk's H_c in fp32) and ``4 min(D, 64)`` (a column slice of W_c in fp32
-  for the chain term, CUDA) (+ ``4 D`` on CPU: the chunk of W in fp32, CPU has no fp32-output
-  16-bit GEMM) + with ``class_ids`` ``2 e D`` (the gathered W_c and H_c,
+  CUDA) and ``4 D`` (the chunk's H_c in fp32) (+ ``4 D`` on CPU: the chunk of W in fp32, CPU
+  has no fp32-output 16-bit GEMM) + with ``class_ids`` ``2 e D`` (the gathered W_c and H_c,
   e = itemsize);
 * ``per_rows`` = ``L (10 B D + 24 B + 2 S + 4 B class_splits)`` (norms, ||W_j|| of the S classes
   kept from the forward, the target rows W_y and
@@ -95,8 +95,6 @@ EPILOGUE_THREADS = 256
 BLOCKS_PER_SM = 8
 MIN_SEGMENT = 1024
 MAX_CLASS_SPLITS = 65535
-# Columns of W_c converted to fp32 at a time by _row_dots (bounds that temporary to S_c x 64).
-ROW_DOT_SLICE = 64
 
 _BUILD_HINT = (
     "install the CUDA build of torch and nvcc, then build with "
@@ -162,7 +160,6 @@ def class_bytes(
         per_class += 4 * dim  # H_c in fp32
         if device_type == "cuda":
             per_class += buffers * batch * itemsize  # dL/dz (dL/dh) in the storage dtype
-            per_class += 4 * min(dim, ROW_DOT_SLICE)  # a column slice of W_c in fp32 (_row_dots)
         else:
             per_class += 4 * dim  # W_c in fp32 (no fp32-output 16-bit GEMM on CPU)
     if sampled:
@@ -244,7 +241,9 @@ class _Chunks:
         """(W_c, class ids of the chunk or None) of the chunk starting at column ``start``."""
         stop = min(start + self.size, self.num_cols)
         if self.class_ids is None:
-            return self.weight[start:stop], None
+            w_c = self.weight[start:stop]
+            # unit stride along D for the chain pass (a copy of the chunk only for odd layouts)
+            return (w_c if w_c.stride(-1) == 1 else w_c.contiguous()), None
         ids = self.class_ids[start:stop]
         return self.weight.index_select(0, ids), ids
 
@@ -355,7 +354,9 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         d_ctarget = torch.zeros_like(x_norm)
         d_tnorm = None
         # every row of dW is written by its chunk; Partial FC scatters into zeros
-        grad_weight = torch.empty_like(weight) if class_ids is None else torch.zeros_like(weight)
+        # (contiguous, whatever W's layout: the chain pass writes rows of unit stride)
+        new_grad = torch.empty if class_ids is None else torch.zeros
+        grad_weight = new_grad(weight.shape, dtype=weight.dtype, device=weight.device)
         in_place_dw = class_ids is None and weight.dtype == compute
         for start in chunks.starts:
             w_c, ids = chunks.columns(start)
@@ -409,16 +410,24 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             if weighted:
                 h_c += chunks.mm(d_h.T, w_y_mm)
             del d_z, d_h
+            # the rows of dW_c, in W's dtype: dW's own rows, or (Partial FC) rows to scatter
+            if in_place_dw or (class_ids is not None and h_c.dtype == weight.dtype):
+                rows = h_c
+            elif class_ids is None:
+                rows = grad_weight[start:stop]
+            else:
+                rows = torch.empty_like(w_c)
             if normalizes_weight:
-                # dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2 (0 where the eps clamp holds ||W_j||)
-                radial = _row_dots(h_c, w_op)
-                coef = torch.where(raw >= NORM_EPS, radial / col_norm.square(), 0)
-                h_c.addcmul_(w_op, coef[:, None].to(h_c.dtype), value=-1)
+                # dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2 (0 where the eps clamp holds ||W_j||),
+                # one pass over H_c and W_c that writes the rows
+                torch.ops.margin_kernels.margin_column_chain(
+                    h_c, w_c, raw, None if rows is h_c else rows
+                )
+            elif rows is not h_c:
+                rows.copy_(h_c)
             if class_ids is not None:
-                _accumulate_rows(grad_weight, ids, h_c.to(weight.dtype), deterministic)
-            elif not in_place_dw:
-                grad_weight[start:stop].copy_(h_c)
-            del h_c
+                _accumulate_rows(grad_weight, ids, rows, deterministic)
+            del h_c, rows
         xn, wyn, cy = x_norm[:, None], wy_norm[:, None], c_y[:, None]
         xf, wyf = x.to(compute), w_y.to(compute)
         # dX_i = dz_i W + dL/d||x|| x_hat + dL/dc_y (W_y / (||x|| ||W_y||) - c_y x_hat / ||x||)
@@ -433,18 +442,6 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         if x.shape[0]:
             _accumulate_rows(grad_weight, safe_target, grad_wy.to(weight.dtype), deterministic)
         return (grad_x.to(x.dtype), grad_weight, None, None, None, None, None, None)
-
-
-def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(a_j . b_j) per row, in a's dtype (fp32/fp64), b in any float dtype; a batched dot (no
-    (S, D) product temporary), b converted to a's dtype ROW_DOT_SLICE columns at a time."""
-    if b.dtype == a.dtype:
-        return torch.einsum("ij,ij->i", a, b)
-    out = a.new_zeros(a.shape[0])
-    for k in range(0, a.shape[1], ROW_DOT_SLICE):
-        cols = slice(k, k + ROW_DOT_SLICE)
-        out += torch.einsum("ij,ij->i", a[:, cols], b[:, cols].to(a.dtype))
-    return out
 
 
 def _accumulate(out: torch.Tensor, chunks: _Chunks, a: torch.Tensor, b: torch.Tensor) -> None:
