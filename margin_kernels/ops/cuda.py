@@ -80,9 +80,9 @@ __all__ = [
 AUTO_CROSSOVER_MEASURED = False
 
 # On CPU, bench/results/cpu_chunks.csv measured this backend's forward + backward against the
-# torch reference at B=256, D=512, C=10^5 float32 ArcFace (2 shared cores): 6.4 s vs 10.6 s
-# (median of 3), 100 MB vs 684 MB peak extra memory; see bench/results/README.md. "auto" on a
-# CPU tensor takes this backend only because that measurement found it no slower.
+# torch reference at B=256, D=512, C=10^5 float32 ArcFace (2 shared cores, three runs): no slower
+# in every run (3.3 s vs 3.5 s in the last), 100 MB vs 684 MB peak extra memory; see
+# bench/results/README.md. "auto" on a CPU tensor takes this backend because of that measurement.
 CPU_AUTO_NO_SLOWER = True
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
