@@ -1,7 +1,12 @@
-// CUDA epilogues of the chunked margin softmax: one block per row of a (R, S) logits chunk that
-// cuBLAS produced, vectorised 16-byte loads, float math (double for double storage).
+// CUDA epilogues of the class-chunked margin softmax over a (B, S) fp32 logits chunk that cuBLAS
+// produced: a (B, class_splits) grid, block (i, s) owning row i's class segment s, vectorised
+// 16-byte loads, float math (double for double storage). Splitting rows into segments keeps the
+// grid at several blocks per SM when B is small (B = 128 on 132 SMs); each block writes its
+// partial row reductions to a (B, class_splits) buffer, and a second small kernel merges them in
+// split order, so the result does not depend on block scheduling.
 //
-// Forward: N or T per element, target column masked, online log-sum-exp -> neg_lse, target logit.
+// Forward: N per element, target column masked, online log-sum-exp; the merge folds the chunk's
+// LSE into the running LSE of the previous chunks and writes the target logit.
 // Backward: overwrites the logits with dL/dz (and the W-Softmax gram with dL/dh) in place and
 // reduces the per-row terms that the host-side GEMMs and O(B D) chain rule need.
 //
@@ -12,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "epilogue.h"
 #include "margin_math.h"
@@ -175,8 +181,55 @@ __device__ __forceinline__ RowInputs<M> load_row(const EpilogueArgs& a, int64_t 
 }
 
 // The column is the row's target (masked out of the negatives' LSE).
-__device__ __forceinline__ bool is_target_col(const int64_t* col_ids, int64_t col, int64_t target) {
-  return (col_ids ? col_ids[col] : col) == target;
+__device__ __forceinline__ bool is_target_col(const EpilogueArgs& a, int64_t col, int64_t target) {
+  return (a.col_ids ? a.col_ids[col] : a.col_offset + col) == target;
+}
+
+// This block's class segment [first, first + count) of its row.
+struct Segment {
+  int64_t first;
+  int64_t count;
+};
+
+__device__ __forceinline__ Segment block_segment(const EpilogueArgs& a) {
+  const int64_t seg = segment_length(a.num_cols, a.class_splits);
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * seg;
+  const int64_t last = first + seg < a.num_cols ? first + seg : a.num_cols;
+  return Segment{first, last > first ? last - first : 0};
+}
+
+// Merge pass of the forward epilogue, one row: the split partials into the running LSE, and the
+// target logit.
+template <typename M>
+__device__ __forceinline__ void finish_forward_row(const EpilogueArgs& a, const MarginParams<M>& p,
+                                                   int64_t row) {
+  const int64_t splits = a.class_splits;
+  M* running = static_cast<M*>(a.running_lse);
+  running[row] = merge_running_lse(running[row], static_cast<const M*>(a.partial_a) + row * splits,
+                                   static_cast<const M*>(a.partial_b) + row * splits, splits);
+  const RowInputs<M> r = load_row<M>(a, row);
+  M d_c, d_xn, d_wn;
+  const M wy_norm = static_cast<const M*>(a.target_norm)[row];
+  const M t = target_logit(p, r.c_y, r.x_norm, wy_norm, &d_c, &d_xn, &d_wn);
+  static_cast<M*>(a.target_logit)[row] = r.has_target ? t : M(0);
+}
+
+// Merge pass of the backward epilogue, one row: split partials summed in split order, plus the
+// target's terms on the one chunk that carries them.
+template <typename M>
+__device__ __forceinline__ void finish_backward_row(const EpilogueArgs& a, const MarginParams<M>& p,
+                                                    int64_t row) {
+  const int64_t splits = a.class_splits;
+  const RowInputs<M> r = load_row<M>(a, row);
+  M t_c, t_xn, t_wn;
+  const M wy_norm = static_cast<const M*>(a.target_norm)[row];
+  target_logit(p, r.c_y, r.x_norm, wy_norm, &t_c, &t_xn, &t_wn);
+  const M grad_t = a.with_target && r.has_target ? static_cast<const M*>(a.grad_target)[row] : M(0);
+  const M d_xn = sum_partials(static_cast<const M*>(a.partial_a) + row * splits, splits);
+  const M d_cy = sum_partials(static_cast<const M*>(a.partial_b) + row * splits, splits);
+  static_cast<M*>(a.row_d_xnorm)[row] = d_xn + grad_t * t_xn;
+  static_cast<M*>(a.row_d_ctarget)[row] = d_cy + grad_t * t_c;
+  static_cast<M*>(a.row_d_tnorm)[row] = grad_t * t_wn;
 }
 
 template <typename S, int F>
@@ -186,13 +239,14 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ M max_scratch[kWarps];
   __shared__ M sum_scratch[kWarps];
   const int64_t row = blockIdx.x;
+  const Segment segment = block_segment(a);
   const RowInputs<M> r = load_row<M>(a, row);
-  const M* col_norm = static_cast<const M*>(a.col_norm);
-  S* z_row = static_cast<S*>(a.logits) + row * a.num_cols;
-  S* h_row = F == kWeighted ? static_cast<S*>(a.gram) + row * a.num_cols : nullptr;
+  const M* col_norm = static_cast<const M*>(a.col_norm) + segment.first;
+  S* z_row = static_cast<S*>(a.logits) + row * a.num_cols + segment.first;
+  S* h_row = F == kWeighted ? static_cast<S*>(a.gram) + row * a.num_cols + segment.first : nullptr;
   LseState<M> st{M(-INFINITY), M(0)};
-  visit_row<false, F == kWeighted>(z_row, h_row, a.num_cols, [&](int64_t j, M& z, M& h) {
-    if (is_target_col(a.col_ids, j, r.target)) return;
+  visit_row<false, F == kWeighted>(z_row, h_row, segment.count, [&](int64_t j, M& z, M& h) {
+    if (is_target_col(a, segment.first + j, r.target)) return;
     const M w_norm = col_norm[j];
     const M inv_w_norm = M(1) / w_norm;
     // c_ij = z_ij / (||x_i|| ||W_j||); W-Softmax: g_ij = h_ij / (||W_y|| ||W_j||)
@@ -203,58 +257,83 @@ __global__ void __launch_bounds__(kThreads)
   });
   st = block_lse(st, max_scratch, sum_scratch);
   if (threadIdx.x == 0) {
-    static_cast<M*>(a.neg_lse)[row] = lse_value(st);
-    M d_c, d_xn, d_wn;
-    const M wy_norm = static_cast<const M*>(a.target_norm)[row];
-    const M t = target_logit(p, r.c_y, r.x_norm, wy_norm, &d_c, &d_xn, &d_wn);
-    static_cast<M*>(a.target_logit)[row] = r.has_target ? t : M(0);
+    const int64_t item = row * a.class_splits + blockIdx.y;
+    static_cast<M*>(a.partial_a)[item] = st.max;
+    static_cast<M*>(a.partial_b)[item] = st.sum;
+    // One segment per row: this block is the row's only writer and merges at once.
+    if (a.class_splits == 1) finish_forward_row(a, p, row);
   }
 }
 
-template <typename S, int F>
+// O is the dtype dL/dz (dL/dh) is written in: S writes it in place over the logits; a 16-bit O
+// writes it to the separate grad_logits (grad_gram) buffers, which the dX and dW GEMMs then read
+// on tensor cores, and the fp32 logits are only read.
+template <typename S, int F, typename O>
 __global__ void __launch_bounds__(kThreads)
     lse_backward_kernel(EpilogueArgs a, MarginParams<typename MathType<S>::type> p) {
   using M = typename MathType<S>::type;
   __shared__ M scratch[kWarps];
   const int64_t row = blockIdx.x;
+  const Segment segment = block_segment(a);
   const RowInputs<M> r = load_row<M>(a, row);
-  const M* col_norm = static_cast<const M*>(a.col_norm);
+  const M* col_norm = static_cast<const M*>(a.col_norm) + segment.first;
   const M neg_lse = static_cast<const M*>(a.saved_neg_lse)[row];
   // dL/dN_ij = dL/dneg_lse_i * softmax_ij over the unmasked columns; nothing when the row had
   // no unmasked column (neg_lse = -inf) or no incoming gradient.
   const M grad_lse = neg_lse == M(-INFINITY) ? M(0) : static_cast<const M*>(a.grad_neg_lse)[row];
-  S* z_row = static_cast<S*>(a.logits) + row * a.num_cols;
-  S* h_row = F == kWeighted ? static_cast<S*>(a.gram) + row * a.num_cols : nullptr;
+  S* z_row = static_cast<S*>(a.logits) + row * a.num_cols + segment.first;
+  S* h_row = F == kWeighted ? static_cast<S*>(a.gram) + row * a.num_cols + segment.first : nullptr;
   M d_xn = M(0);
   M d_cy = M(0);
-  visit_row<true, F == kWeighted>(z_row, h_row, a.num_cols, [&](int64_t j, M& z, M& h) {
+  constexpr bool kInPlace = std::is_same<S, O>::value;
+  O* dz_row =
+      kInPlace ? nullptr : static_cast<O*>(a.grad_logits) + row * a.num_cols + segment.first;
+  O* dh_row = kInPlace || F != kWeighted
+                  ? nullptr
+                  : static_cast<O*>(a.grad_gram) + row * a.num_cols + segment.first;
+  visit_row<kInPlace, F == kWeighted>(z_row, h_row, segment.count, [&](int64_t j, M& z, M& h) {
     M prob_grad = M(0);
     const M w_norm = col_norm[j];
     const M inv_w_norm = M(1) / w_norm;
     const M c = z * r.inv_x_norm * inv_w_norm;
     const M gram = h * r.inv_wy_norm * inv_w_norm;
-    if (grad_lse != M(0) && !is_target_col(a.col_ids, j, r.target)) {
+    if (grad_lse != M(0) && !is_target_col(a, segment.first + j, r.target)) {
       M d_c;
       const M logit = nontarget_logit<F>(p, c, r.x_norm, w_norm, r.c_y, gram, &d_c);
       prob_grad = grad_lse * exp(logit - neg_lse);
     }
     const NontargetGrad<M> g = nontarget_backward<F>(p, prob_grad, c, r.x_norm, r.inv_x_norm,
                                                      inv_w_norm, r.c_y, gram, r.inv_wy_norm);
-    z = g.d_z;
-    h = g.d_h;
+    if (kInPlace) {
+      z = g.d_z;
+      h = g.d_h;
+    } else {
+      // consecutive threads own consecutive 16-byte packs of z: these 2-byte stores coalesce
+      dz_row[j] = from_math<O>(g.d_z);
+      if (F == kWeighted) dh_row[j] = from_math<O>(g.d_h);
+    }
     d_xn += g.d_xn;
     d_cy += g.d_cy;
   });
   d_xn = block_sum(d_xn, scratch);
   if (F == kWeighted) d_cy = block_sum(d_cy, scratch);
   if (threadIdx.x == 0) {
-    M t_c, t_xn, t_wn;
-    const M wy_norm = static_cast<const M*>(a.target_norm)[row];
-    target_logit(p, r.c_y, r.x_norm, wy_norm, &t_c, &t_xn, &t_wn);
-    const M grad_t = r.has_target ? static_cast<const M*>(a.grad_target)[row] : M(0);
-    static_cast<M*>(a.row_d_xnorm)[row] = d_xn + grad_t * t_xn;
-    static_cast<M*>(a.row_d_ctarget)[row] = d_cy + grad_t * t_c;
-    static_cast<M*>(a.row_d_tnorm)[row] = grad_t * t_wn;
+    const int64_t item = row * a.class_splits + blockIdx.y;
+    static_cast<M*>(a.partial_a)[item] = d_xn;
+    static_cast<M*>(a.partial_b)[item] = d_cy;
+    if (a.class_splits == 1) finish_backward_row(a, p, row);
+  }
+}
+
+// Second pass when rows are split: one thread per row merges its partials in split order.
+template <typename M, bool kForward>
+__global__ void merge_rows_kernel(EpilogueArgs a, MarginParams<M> p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= a.num_rows) return;
+  if (kForward) {
+    finish_forward_row(a, p, row);
+  } else {
+    finish_backward_row(a, p, row);
   }
 }
 
@@ -313,13 +392,30 @@ void dispatch_storage(const EpilogueArgs& a, cudaStream_t stream) {
   }
 }
 
+// Grid of one epilogue: (rows, class_splits), then the merge kernel when rows are split.
+template <typename S, bool kForward>
+void launch_merge(const EpilogueArgs& a, const MarginParams<typename MathType<S>::type>& p,
+                  cudaStream_t stream) {
+  if (a.class_splits == 1) return;
+  constexpr int kMergeThreads = 128;
+  const unsigned blocks = static_cast<unsigned>((a.num_rows + kMergeThreads - 1) / kMergeThreads);
+  merge_rows_kernel<typename MathType<S>::type, kForward>
+      <<<blocks, kMergeThreads, 0, stream>>>(a, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+dim3 epilogue_grid(const EpilogueArgs& a) {
+  return dim3(static_cast<unsigned>(a.num_rows), static_cast<unsigned>(a.class_splits), 1);
+}
+
 template <typename S, int F>
 struct LaunchForward {
   static void run(const EpilogueArgs& a, cudaStream_t stream) {
     using M = typename MathType<S>::type;
-    lse_forward_kernel<S, F><<<static_cast<unsigned>(a.num_rows), kThreads, 0, stream>>>(
-        a, make_params<M>(a.kind, a.params));
+    const MarginParams<M> p = make_params<M>(a.kind, a.params);
+    lse_forward_kernel<S, F><<<epilogue_grid(a), kThreads, 0, stream>>>(a, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_merge<S, true>(a, p, stream);
   }
 };
 
@@ -327,9 +423,21 @@ template <typename S, int F>
 struct LaunchBackward {
   static void run(const EpilogueArgs& a, cudaStream_t stream) {
     using M = typename MathType<S>::type;
-    lse_backward_kernel<S, F><<<static_cast<unsigned>(a.num_rows), kThreads, 0, stream>>>(
-        a, make_params<M>(a.kind, a.params));
+    const MarginParams<M> p = make_params<M>(a.kind, a.params);
+    // margin_ops.cpp admits a separate grad_logits only as fp16/bf16 next to fp32 logits
+    if constexpr (std::is_same<S, float>::value) {
+      if (a.grad_logits != nullptr && a.grad_storage == Storage::kBFloat16) {
+        lse_backward_kernel<S, F, __nv_bfloat16><<<epilogue_grid(a), kThreads, 0, stream>>>(a, p);
+      } else if (a.grad_logits != nullptr) {
+        lse_backward_kernel<S, F, __half><<<epilogue_grid(a), kThreads, 0, stream>>>(a, p);
+      } else {
+        lse_backward_kernel<S, F, S><<<epilogue_grid(a), kThreads, 0, stream>>>(a, p);
+      }
+    } else {
+      lse_backward_kernel<S, F, S><<<epilogue_grid(a), kThreads, 0, stream>>>(a, p);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_merge<S, false>(a, p, stream);
   }
 };
 
@@ -347,7 +455,46 @@ void launch_transform(int kind, const double* params, bool target, int64_t n, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// One block per dW row j: the dot W_j . H_j reduced over the block, then every element of the
+// row rewritten as H_j - coef W_j in the storage dtype (one read of H and W, one write of dW).
+template <typename M, typename S>
+__global__ void __launch_bounds__(kThreads) column_chain_kernel(ColumnChainArgs a) {
+  __shared__ M scratch[kWarps];
+  const int64_t row = blockIdx.x;
+  const M* h = static_cast<const M*>(a.h) + row * a.h_stride;
+  const S* w = static_cast<const S*>(a.w) + row * a.w_stride;
+  S* out = static_cast<S*>(a.out) + row * a.out_stride;
+  M dot = M(0);
+  for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) dot += h[d] * to_math(w[d]);
+  dot = block_sum(dot, scratch);
+  const M coef = column_chain_coef(dot, static_cast<const M*>(a.raw_norm)[row]);
+  for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) {
+    out[d] = from_math<S>(h[d] - coef * to_math(w[d]));
+  }
+}
+
+template <typename M, typename S>
+void launch_column_chain(const ColumnChainArgs& a, cudaStream_t stream) {
+  column_chain_kernel<M, S><<<static_cast<unsigned>(a.rows), kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
+
+void launch_column_chain_cuda(const ColumnChainArgs& args, void* stream) {
+  if (args.rows == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (args.storage) {
+    case Storage::kFloat16:
+      return launch_column_chain<float, __half>(args, s);
+    case Storage::kBFloat16:
+      return launch_column_chain<float, __nv_bfloat16>(args, s);
+    case Storage::kFloat64:
+      return launch_column_chain<double, double>(args, s);
+    default:
+      return launch_column_chain<float, float>(args, s);
+  }
+}
 
 void launch_lse_forward_cuda(const EpilogueArgs& args, void* stream) {
   if (args.num_rows == 0) return;

@@ -69,11 +69,17 @@ MK_HD int family_of(int kind) {
   }
 }
 
+// Largest integer psi margin (spec.MAX_PSI_M).
+constexpr int kMaxPsiM = 16;
+
 template <typename T>
 struct MarginParams {
   int kind;
   T s, m, m1, m2, m3, lam, lambda_p, lambda_n, alpha, cos_m, sin_m;
   int grad_mode, overflow;
+  // psi kinds: the integer m and the branch thresholds cos(j pi / m), j = 1..m-1 (host-computed)
+  int psi_m;
+  T psi_cos[kMaxPsiM - 1];
 };
 
 // params: the kNumParams values of MarginSpec.kernel_args(), in that order.
@@ -94,6 +100,19 @@ inline MarginParams<T> make_params(int kind, const P* params) {
   p.sin_m = static_cast<T>(params[10]);
   p.grad_mode = static_cast<int>(params[11]);
   p.overflow = static_cast<int>(params[12]);
+  // k of psi counts the thresholds cos(j pi / m) that c lies below. They are computed here, on
+  // the host, as Python's math.cos(j * math.pi / m) computes them (same double expression, same
+  // libm), so the branch boundaries match the reference bit for bit (cos(pi/2) is 6.1e-17 there,
+  // not 0), and the kernels never call cos for them.
+  const bool psi_kind = kind == kLSoftmax || kind == kSphereFace;
+  p.psi_m = psi_kind ? static_cast<int>(params[1]) : 1;
+  if (p.psi_m < 1) p.psi_m = 1;
+  if (p.psi_m > kMaxPsiM) p.psi_m = kMaxPsiM;
+  constexpr double kPi = 3.141592653589793;
+  for (int j = 1; j < kMaxPsiM; ++j) {
+    p.psi_cos[j - 1] =
+        j < p.psi_m ? static_cast<T>(std::cos(static_cast<double>(j) * kPi / p.psi_m)) : T(0);
+  }
   return p;
 }
 
@@ -102,63 +121,65 @@ MK_HD T clamp_unit(T c) {
   return c < T(-1) ? T(-1) : (c > T(1) ? T(1) : c);
 }
 
-// cos(m theta) as the Chebyshev polynomial T_m(c), m in 1..4, and its derivative dT_m/dc.
+// cos(m theta) as the Chebyshev polynomial T_m(c) and its derivative dT_m/dc, m in 1..16: the
+// closed forms up to m = 4, then the recurrences T_{k+1} = 2c T_k - T_{k-1} and (differentiated)
+// T'_{k+1} = 2 T_k + 2c T'_k - T'_{k-1}, started from T_3, T_4 as the reference does.
 template <typename T>
-MK_HD T chebyshev(T c, int m) {
+MK_HD T chebyshev(T c, int m, T* d_c) {
   const T c2 = c * c;
   switch (m) {
     case 1:
+      *d_c = T(1);
       return c;
     case 2:
+      *d_c = T(4) * c;
       return T(2) * c2 - T(1);
     case 3:
+      *d_c = T(12) * c2 - T(3);
       return (T(4) * c2 - T(3)) * c;
     default:
-      return (T(8) * c2 - T(8)) * c2 + T(1);
+      break;
   }
+  T prev = (T(4) * c2 - T(3)) * c;
+  T d_prev = T(12) * c2 - T(3);
+  T cur = (T(8) * c2 - T(8)) * c2 + T(1);
+  T d_cur = (T(32) * c2 - T(16)) * c;
+  for (int k = 4; k < m; ++k) {
+    const T next = T(2) * c * cur - prev;
+    const T d_next = T(2) * cur + T(2) * c * d_cur - d_prev;
+    prev = cur;
+    d_prev = d_cur;
+    cur = next;
+    d_cur = d_next;
+  }
+  *d_c = d_cur;
+  return cur;
 }
 
+// k of psi: how many of the thresholds cos(j pi / m), j = 1..m-1, c lies below (m - 1 sign
+// tests, no arccos). A NaN c passes none of them (k = 0) and stays NaN through T_m. The loop
+// runs over the fixed table length so that it unrolls with constant indices: a runtime index
+// into the by-value kernel parameter would copy the table to the stack.
 template <typename T>
-MK_HD T chebyshev_deriv(T c, int m) {
-  const T c2 = c * c;
-  switch (m) {
-    case 1:
-      return T(1);
-    case 2:
-      return T(4) * c;
-    case 3:
-      return T(12) * c2 - T(3);
-    default:
-      return (T(32) * c2 - T(16)) * c;
-  }
-}
-
-// k of psi: how many of the thresholds cos(j pi / m), j = 1..m-1, c lies below. The constants
-// are Python's math.cos(j * math.pi / m), so the branch boundaries match the reference bit for
-// bit (cos(pi/2) is 6.1e-17 there, not 0).
-template <typename T>
-MK_HD int psi_branch(T c, int m) {
-  switch (m) {
-    case 2:
-      return int(c < T(6.123233995736766e-17));
-    case 3:
-      return int(c < T(0.5000000000000001)) + int(c < T(-0.4999999999999998));
-    case 4:
-      return int(c < T(0.7071067811865476)) + int(c < T(6.123233995736766e-17)) +
-             int(c < T(-0.7071067811865475));
-    default:
-      return 0;
-  }
+MK_HD int psi_branch(const MarginParams<T>& p, T c) {
+  int k = 0;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kMaxPsiM - 1; ++j) k += int(j < p.psi_m - 1 && c < p.psi_cos[j]);
+  return k;
 }
 
 // psi_m(theta) = (-1)^k cos(m theta) - 2k; k is piecewise constant, so d psi / dc is
 // (-1)^k T_m'(c) (never m sin(m theta) / sin(theta)).
 template <typename T>
-MK_HD T psi(T c, int m, T* d_c) {
-  const int k = psi_branch(c, m);
+MK_HD T psi(const MarginParams<T>& p, T c, T* d_c) {
+  const int k = psi_branch(p, c);
   const T sign = (k & 1) ? T(-1) : T(1);
-  *d_c = sign * chebyshev_deriv(c, m);
-  return sign * chebyshev(c, m) - T(2 * k);
+  T d_cheb;
+  const T cheb = chebyshev(c, p.psi_m, &d_cheb);
+  *d_c = sign * d_cheb;
+  return sign * cheb - T(2 * k);
 }
 
 // ArcFace cos(theta + m) and combined cos(m1 theta + m2) - m3, unscaled, with the grad_mode and
@@ -212,7 +233,7 @@ MK_HD T target_logit(const MarginParams<T>& p, T c, T x_norm, T w_norm, T* d_c, 
       // blended = (lam c + psi_m(c)) / (1 + lam); L-Softmax scales by ||x|| ||W_y||, SphereFace
       // by ||x||.
       T d_psi;
-      const T psi_value = psi(c, static_cast<int>(p.m), &d_psi);
+      const T psi_value = psi(p, c, &d_psi);
       const T inv = T(1) / (T(1) + p.lam);
       const T blended = (p.lam * c + psi_value) * inv;
       const T d_blended = (p.lam + d_psi) * inv;
@@ -361,7 +382,9 @@ MK_HD NontargetGrad<T> nontarget_backward(const MarginParams<T>& p, T prob_grad,
   return g;
 }
 
-// Online log-sum-exp state: max and the sum of exp(v - max).
+// Online log-sum-exp state: max and the sum of exp(v - max). NaN policy: a NaN value makes the
+// sum NaN (v > max is false for NaN, so it lands in sum += exp(NaN - max)), and NaN is sticky
+// through every later push and merge; lse_value then returns NaN, never -inf or a finite value.
 template <typename T>
 struct LseState {
   T max;
@@ -383,14 +406,57 @@ template <typename T>
 MK_HD LseState<T> lse_merge(LseState<T> a, LseState<T> b) {
   using std::exp;
   const T hi = a.max > b.max ? a.max : b.max;
-  if (hi == -INFINITY) return a;
+  // Both empty (or holding only NaN pushed at max = -inf): the sums are 0 or NaN, keep NaN.
+  if (hi == T(-INFINITY)) return LseState<T>{hi, a.sum + b.sum};
   return LseState<T>{hi, a.sum * exp(a.max - hi) + b.sum * exp(b.max - hi)};
 }
 
+// The state of one already-reduced LSE value (a running LSE carried across class chunks).
+template <typename T>
+MK_HD LseState<T> lse_state_of(T value) {
+  if (value != value) return LseState<T>{T(-INFINITY), value};
+  return value == T(-INFINITY) ? LseState<T>{value, T(0)} : LseState<T>{value, T(1)};
+}
+
+// max + log(sum): -inf for an empty state (sum 0), NaN when a NaN was pushed.
 template <typename T>
 MK_HD T lse_value(LseState<T> st) {
   using std::log;
-  return st.sum > T(0) ? st.max + log(st.sum) : T(-INFINITY);
+  if (st.sum > T(0)) return st.max + log(st.sum);
+  return st.sum == T(0) ? T(-INFINITY) : st.sum;
+}
+
+// Columns of one class segment: segment s of a row of S columns split in `splits` covers
+// [s * len, min(S, (s + 1) * len)) with len = ceil(S / splits).
+MK_HD int64_t segment_length(int64_t num_cols, int64_t splits) {
+  return (num_cols + splits - 1) / splits;
+}
+
+// Second pass of the forward epilogue, one row: this chunk's LSE from the row's split partials
+// (merged in split order), merged into the running LSE of the previous chunks.
+template <typename T>
+MK_HD T merge_running_lse(T running, const T* part_max, const T* part_sum, int64_t splits) {
+  LseState<T> chunk{part_max[0], part_sum[0]};
+  for (int64_t s = 1; s < splits; ++s)
+    chunk = lse_merge(chunk, LseState<T>{part_max[s], part_sum[s]});
+  return lse_value(lse_merge(lse_state_of(running), chunk));
+}
+
+// Sum of a row's split partials, in split order.
+template <typename T>
+MK_HD T sum_partials(const T* part, int64_t splits) {
+  T total = part[0];
+  for (int64_t s = 1; s < splits; ++s) total += part[s];
+  return total;
+}
+
+// Coefficient of W_j in the column-norm chain term: (W_j . H_j) / max(||W_j||, eps)^2 where the
+// norm is above eps, 0 where the eps clamp holds it constant (a scale-invariant function of W_j
+// has a gradient orthogonal to W_j: dW_j = H_j - coef W_j).
+template <typename T>
+MK_HD T column_chain_coef(T dot, T raw_norm) {
+  if (!(raw_norm >= T(kNormEps))) return raw_norm != raw_norm ? raw_norm : T(0);
+  return dot / (raw_norm * raw_norm);
 }
 
 }  // namespace margin_kernels

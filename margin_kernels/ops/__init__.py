@@ -60,6 +60,16 @@ def resolve(backend: str, device: torch.device, spec: MarginSpec) -> tuple[str, 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _extension.warn_if_unusable(device)  # once per process: a CUDA tensor met an unusable _C
+    if backend == "auto" and device.type == "cpu":
+        # On CPU the cuda backend's C++ kernels are taken where they measured no slower than the
+        # reference (ops.cuda.CPU_AUTO_NO_SLOWER, from bench/results/cpu_chunks.csv).
+        module = _load("cuda")[0]
+        if (
+            module is not None
+            and module.CPU_AUTO_NO_SLOWER
+            and module.unavailable_reason(device, spec) is None
+        ):
+            return "cuda", module.lse_parts
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         from .. import reference
 

@@ -1,34 +1,53 @@
-"""The CUDA C++ backend (``backend="cuda"``): cuBLAS GEMMs on row chunks + fused epilogues.
+"""The CUDA C++ backend (``backend="cuda"``): cuBLAS GEMMs on class chunks + fused epilogues.
 
-Per chunk of R rows of ``x`` the raw dots ``z = x_chunk @ W_cols^T`` (R, S) come from cuBLAS
-through ``torch.mm``, in the inputs' dtype, and the epilogues of ``csrc/`` do the rest in one
-pass each:
+The classes are cut into chunks of ``S_c`` classes (:func:`chunk_plan`); every chunk takes all B
+rows, so each GEMM is (B x D) by (D x S_c) and W is read once per pass:
 
-* forward (``torch.ops.margin_kernels.margin_lse_fwd``): cosines ``c = z / (||x|| ||W_j||)``,
-  the margin transform of ``csrc/margin_math.h``, the target column masked out and an online
-  log-sum-exp per row -> ``neg_lse`` (R,) and the target logit (R,);
-* backward (``margin_lse_bwd``): overwrites the chunk's logits buffer with ``dL/dz`` in place,
-  then ``dX_chunk = dz @ W_cols`` and ``dW_cols += dz^T @ x_chunk`` (cuBLAS again).
+* forward, per chunk: ``z = x W_c^T`` (B, S_c) by cuBLAS through ``torch.mm`` with **fp32
+  output** (16-bit inputs: fp32 accumulate and store, ``out_dtype``), then the forward epilogue
+  (``torch.ops.margin_kernels.margin_lse_fwd``): cosines ``c = z / (||x|| ||W_j||)``, the margin
+  transform of ``csrc/margin_math.h``, the target column masked out, an online log-sum-exp over
+  the chunk, merged into each row's running LSE carried across chunks;
+* backward, per chunk: ``z`` recomputed, the backward epilogue (``margin_lse_bwd``) overwrites it
+  with ``dL/dz`` in place (16-bit inputs on CUDA: writes ``dL/dz`` once, in the input dtype,
+  into the buffer the tensor-core GEMMs read); ``dX += dz W_c`` accumulated in fp32 across chunks;
+  ``H_c = dz^T x`` and the column-norm chain term of the chunk
+  ``dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2`` (a scale-invariant function of W_j has a gradient
+  orthogonal to W_j) applied at once by one pass (``margin_column_chain``: a block per row reads
+  H_j and W_j and writes dW_j), so ``dW_c`` is written once, in W's dtype.
 
-The GEMMs run on the raw ``x`` and ``W`` rather than on normalised copies: a normalised copy of
-W would double the largest tensor (C can be 10^6 or more), while dividing by the two norms in
-the epilogue is free. The normalisation chain rule is applied outside the GEMMs in O((B + C) D):
-the epilogue returns per row ``dL/d||x||`` (raw dots held), and the column side uses the
-identity ``sum_i dL/dc_ij c_ij = w_j . sum_i dL/dc_ij x_i`` (a scale-invariant function of W_j
-has a gradient orthogonal to W_j), so no column reduction is needed inside a kernel:
-``dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2`` with ``H = dz^T X``. The target logit reads
-``W[target]`` (an (B, D) gather), W-Softmax's non-target logits also read the raw gram
-``W[y] W_cols^T`` (a second GEMM per chunk, also overwritten by its gradient).
+The epilogues run on a (B, class_splits) grid: rows are split into class segments when B alone
+would not give several blocks per SM, and the split partials are merged in a fixed order, so the
+result is run-to-run identical (``deterministic`` only changes the two row scatters: Partial-FC
+columns and the target rows). The same ops have C++ CPU kernels with the same segments and merge
+order: on CPU tensors this backend runs the same algorithm (GEMMs through torch on CPU).
 
-Memory is bounded by the chunk: ``rows_per_chunk = chunk_bytes // (S * itemsize)`` (halved for
-W-Softmax), ``chunk_bytes`` from the keyword, else ``$MARGIN_KERNELS_CUDA_CHUNK_BYTES``, else
-256 MiB. The same chunked algorithm runs over the C++ CPU twin of the epilogues
-(:func:`_chunked_lse_parts`), which is how CI tests this backend without a GPU.
+NaN policy (all backends): a NaN or inf in a feature row makes that row's loss NaN; a NaN in a
+weight row that takes part in the denominator makes every row's loss NaN; a NaN never becomes 0,
+-inf or a finite loss.
+
+Memory: peak extra memory of forward + backward, beyond the inputs, the (B,) outputs and the
+gradients, is at most ``ChunkPlan.extra_bytes`` = ``S_c * per_class + per_rows`` with
+
+* ``per_class`` (bytes per class of a chunk, :func:`chunk_plan`) =
+  ``n B L`` (the fp32 logits buffer, L = 4, 8 for float64; n = 2 for W-Softmax's gram buffer,
+  else 1) + for 16-bit inputs ``n B 2`` (dL/dz in the storage dtype for the tensor-core GEMMs,
+  CUDA) and ``4 D`` (the chunk's H_c in fp32) (+ ``4 D`` on CPU: the chunk of W in fp32, CPU
+  has no fp32-output 16-bit GEMM) + with ``class_ids`` ``2 e D`` (the gathered W_c and H_c,
+  e = itemsize);
+* ``per_rows`` = ``L (10 B D + 24 B + 2 S + 4 B class_splits)`` (norms, ||W_j|| of the S classes
+  kept from the forward, the target rows W_y and
+  the fp32 dX accumulators: O(B D + C)).
+
+``S_c = clamp(chunk_bytes // per_class, 1, S)``; ``chunk_bytes`` from the keyword, else
+``$MARGIN_KERNELS_CUDA_CHUNK_BYTES``, else 256 MiB. There is no full-W fp32 temporary.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -43,21 +62,36 @@ _EXT_IMPORT_ERROR: str | None = _extension.LOAD_ERROR
 __all__ = [
     "AUTO_CROSSOVER_MEASURED",
     "CHUNK_BYTES_ENV",
+    "CPU_AUTO_NO_SLOWER",
     "DEFAULT_CHUNK_BYTES",
     "HAS_CUDA_EXT",
+    "ChunkPlan",
+    "chunk_plan",
     "lse_parts",
     "margin_transform",
-    "rows_per_chunk",
     "unavailable_reason",
 ]
 
-# Where "auto" should prefer this backend over triton has not been measured (no GPU was available
-# while it was written), so ops.resolve keeps trying triton first and takes cuda only when triton
-# cannot run.
+# Where "auto" should prefer this backend over triton on a GPU has not been measured (no GPU was
+# available while it was written), so ops.resolve keeps trying triton first there.
 AUTO_CROSSOVER_MEASURED = False
+
+# On CPU, bench/results/cpu_chunks.csv measured this backend's forward + backward against the
+# torch reference at B=256, D=512, C=10^5 float32 ArcFace (2 shared cores, three runs): no slower
+# in every run (3.3 s vs 3.5 s in the last), 100 MB vs 684 MB peak extra memory; see
+# bench/results/README.md. "auto" on a CPU tensor takes this backend because of that measurement.
+CPU_AUTO_NO_SLOWER = True
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 CHUNK_BYTES_ENV = "MARGIN_KERNELS_CUDA_CHUNK_BYTES"
+
+# Epilogue launch shape: 256-thread blocks; rows are split into class segments until the grid
+# has about BLOCKS_PER_SM blocks per SM (8 resident 256-thread blocks fill an H100/H200 SM), but
+# never into segments shorter than MIN_SEGMENT columns.
+EPILOGUE_THREADS = 256
+BLOCKS_PER_SM = 8
+MIN_SEGMENT = 1024
+MAX_CLASS_SPLITS = 65535
 
 _BUILD_HINT = (
     "install the CUDA build of torch and nvcc, then build with "
@@ -65,46 +99,168 @@ _BUILD_HINT = (
     "build fail loudly instead of being skipped)"
 )
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def unavailable_reason(device: torch.device, spec: MarginSpec) -> str | None:
-    """Why ``backend="cuda"`` cannot run ``spec`` on ``device`` (None when it can)."""
+    """Why ``backend="cuda"`` cannot run ``spec`` on ``device`` (None when it can). It runs on
+    CUDA tensors (CUDA epilogues) and on CPU tensors (the C++ CPU kernels of the same ops)."""
     if not HAS_CUDA_EXT:
         return f"margin_kernels._C cannot be used: {_EXT_IMPORT_ERROR}; " + _BUILD_HINT
-    if torch.device(device).type != "cuda":
-        return f"it runs on CUDA tensors only, got device {torch.device(device)}"
-    return _extension.arch_reason(torch.device(device))
+    device = torch.device(device)
+    if device.type not in ("cuda", "cpu"):
+        return f"it runs on CUDA and CPU tensors only, got device {device}"
+    return _extension.arch_reason(device) if device.type == "cuda" else None
 
 
-def rows_per_chunk(num_cols: int, itemsize: int, spec: MarginSpec, chunk_bytes: int | None) -> int:
-    """Rows of x per chunk so that the (R, S) logits buffer (and W-Softmax's gram buffer) fit in
-    ``chunk_bytes`` (keyword, else ``$MARGIN_KERNELS_CUDA_CHUNK_BYTES``, else 256 MiB)."""
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How one forward + backward of this backend is cut (see :func:`chunk_plan`)."""
+
+    classes_per_chunk: int  # S_c
+    num_chunks: int
+    logits_dtype: torch.dtype  # dtype of the chunk's logits buffer
+    epilogue_grid: tuple[int, int]  # (row blocks, class splits per row) per epilogue launch
+    threads_per_block: int
+    extra_bytes: int  # peak extra memory of forward + backward beyond inputs and outputs
+
+
+def _resolve_chunk_bytes(chunk_bytes: int | None) -> int:
     if chunk_bytes is None:
         env = os.environ.get(CHUNK_BYTES_ENV)
         if env is None:
-            chunk_bytes = DEFAULT_CHUNK_BYTES
-        else:
-            try:
-                chunk_bytes = int(env)
-            except ValueError:
-                raise ValueError(f"{CHUNK_BYTES_ENV} must be an integer, got {env!r}") from None
+            return DEFAULT_CHUNK_BYTES
+        try:
+            chunk_bytes = int(env)
+        except ValueError:
+            raise ValueError(f"{CHUNK_BYTES_ENV} must be an integer, got {env!r}") from None
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    buffers = 2 if spec.kind == "w_softmax" else 1
-    return max(1, chunk_bytes // max(1, num_cols * itemsize * buffers))
+    return chunk_bytes
+
+
+def class_bytes(
+    batch: int,
+    dim: int,
+    dtype: torch.dtype,
+    kind: str,
+    sampled: bool,
+    device_type: str = "cuda",
+) -> int:
+    """Extra bytes per class of a chunk (the module docstring's ``per_class``)."""
+    logit_size = 8 if dtype == torch.float64 else 4
+    buffers = 2 if kind == "w_softmax" else 1
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_class = buffers * batch * logit_size
+    if dtype in _HALF:
+        per_class += 4 * dim  # H_c in fp32
+        if device_type == "cuda":
+            per_class += buffers * batch * itemsize  # dL/dz (dL/dh) in the storage dtype
+        else:
+            per_class += 4 * dim  # W_c in fp32 (no fp32-output 16-bit GEMM on CPU)
+    if sampled:
+        per_class += 2 * itemsize * dim  # gathered W_c and H_c before the row scatter
+    return per_class
+
+
+def chunk_plan(
+    batch: int,
+    num_classes: int,
+    dim: int,
+    dtype: torch.dtype,
+    kind: str,
+    num_sampled: int | None = None,
+    chunk_bytes: int | None = None,
+    *,
+    num_sms: int = 132,
+    device_type: str = "cuda",
+) -> ChunkPlan:
+    """The class chunks and epilogue launch of one forward + backward; the launcher uses it.
+
+    Args:
+        batch: B rows. num_classes: C. dim: D. dtype: storage dtype of x and W.
+        kind: a MarginSpec kind name. num_sampled: Partial-FC class count (None: all C).
+        chunk_bytes: byte budget of the chunk-proportional buffers (keyword, else
+            ``$MARGIN_KERNELS_CUDA_CHUNK_BYTES``, else 256 MiB).
+        num_sms: SMs the epilogue grid should fill. device_type: "cuda" or "cpu" (the CPU run
+            holds the chunk of W in fp32 for 16-bit inputs, see :func:`class_bytes`).
+    """
+    budget = _resolve_chunk_bytes(chunk_bytes)
+    num_cols = num_classes if num_sampled is None else num_sampled
+    per_class = class_bytes(batch, dim, dtype, kind, num_sampled is not None, device_type)
+    classes = max(1, min(budget // max(1, per_class), max(1, num_cols)))
+    num_chunks = max(1, math.ceil(num_cols / classes))
+    # rows split into class segments until the grid holds ~BLOCKS_PER_SM blocks per SM
+    wanted = math.ceil(num_sms * BLOCKS_PER_SM / max(1, batch))
+    splits = max(1, min(wanted, classes // MIN_SEGMENT, MAX_CLASS_SPLITS))
+    logit_size = 8 if dtype == torch.float64 else 4
+    per_rows = logit_size * (10 * batch * dim + 24 * batch + 2 * num_cols + 4 * batch * splits)
+    return ChunkPlan(
+        classes_per_chunk=classes,
+        num_chunks=num_chunks,
+        logits_dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        epilogue_grid=(batch, splits),
+        threads_per_block=EPILOGUE_THREADS,
+        extra_bytes=classes * per_class + per_rows,
+    )
 
 
 def _norm_and_direction(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max(||v_i||, eps), d||v_i||_clamped / dv_i): the direction v_i / ||v_i|| where the norm
-    is above eps, 0 where the clamp holds it constant."""
+    """(max(||v_i||, eps), d||v_i||_clamped / dv_i) of an O(B D) tensor: the direction
+    v_i / ||v_i|| where the norm is above eps, 0 where the clamp holds it constant."""
     raw = torch.linalg.vector_norm(v, dim=-1)
     norm = raw.clamp_min(NORM_EPS)
     direction = torch.where((raw >= NORM_EPS)[:, None], v / norm[:, None], torch.zeros_like(v))
     return norm, direction
 
 
+def _fp32_output_gemm(device: torch.device) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for 16-bit operands on
+    ``device`` (cuBLAS on CUDA, torch 2.11 and 2.14; CPU has no such kernel)."""
+    return device.type == "cuda"
+
+
+class _Chunks:
+    """The class chunks of one call: the columns of chunk k, their W rows, the fp32 GEMMs."""
+
+    def __init__(self, x, weight, class_ids, classes_per_chunk, compute):
+        self.x, self.weight, self.class_ids = x, weight, class_ids
+        self.compute = compute
+        self.num_cols = weight.shape[0] if class_ids is None else class_ids.shape[0]
+        self.size = classes_per_chunk
+        self.starts = range(0, max(1, self.num_cols), classes_per_chunk)
+        # CPU has no fp32-output 16-bit GEMM: x (O(B D)) and each chunk of W go up to fp32.
+        self.upcast = x.dtype != compute and not _fp32_output_gemm(x.device)
+        self.x_mm = x.to(compute) if self.upcast else x
+
+    def columns(self, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W_c, class ids of the chunk or None) of the chunk starting at column ``start``."""
+        stop = min(start + self.size, self.num_cols)
+        if self.class_ids is None:
+            w_c = self.weight[start:stop]
+            # unit stride along D for the chain pass (a copy of the chunk only for odd layouts)
+            return (w_c if w_c.stride(-1) == 1 else w_c.contiguous()), None
+        ids = self.class_ids[start:stop]
+        return self.weight.index_select(0, ids), ids
+
+    def operand(self, w_c: torch.Tensor) -> torch.Tensor:
+        """W_c as the GEMMs take it (fp32 on CPU for 16-bit storage)."""
+        return w_c.to(self.compute) if self.upcast else w_c
+
+    def raw_norms(self, w_op: torch.Tensor) -> torch.Tensor:
+        """||W_j|| of the chunk (unclamped), in the compute dtype."""
+        return torch.linalg.vector_norm(w_op, dim=-1, dtype=self.compute)
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b in the compute dtype: cuBLAS with fp32 output for 16-bit operands on CUDA."""
+        if a.dtype == self.compute:
+            return torch.mm(a, b)
+        return torch.mm(a, b, out_dtype=self.compute)
+
+
 class _ChunkedMarginLSE(torch.autograd.Function):
-    """lse_parts over row chunks: forward and backward epilogues from the extension (CPU twin or
-    CUDA kernels, by the tensors' device), GEMMs through torch."""
+    """lse_parts over class chunks: epilogues from the extension (CPU kernels or CUDA kernels,
+    by the tensors' device), GEMMs through torch."""
 
     @staticmethod
     def forward(
@@ -115,149 +271,199 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         class_ids: torch.Tensor | None,
         kind: int,
         params: list[float],
-        chunk_rows: int,
+        plan: ChunkPlan,
         deterministic: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        compute = plan.logits_dtype
         num_classes = weight.shape[0]
         has_target = (target >= 0) & (target < num_classes)
         safe_target = torch.where(has_target, target, torch.zeros_like(target))
-        cols = weight if class_ids is None else weight.index_select(0, class_ids)
+        chunks = _Chunks(x, weight, class_ids, plan.classes_per_chunk, compute)
         w_y = weight.index_select(0, safe_target)
+        w_y_mm = w_y.to(compute) if chunks.upcast else w_y
         x_norm = torch.linalg.vector_norm(x, dim=-1, dtype=compute).clamp_min(NORM_EPS)
-        col_norm = torch.linalg.vector_norm(cols, dim=-1, dtype=compute).clamp_min(NORM_EPS)
         wy_norm = torch.linalg.vector_norm(w_y, dim=-1, dtype=compute).clamp_min(NORM_EPS)
         # c_y = x_i . W_y / (||x_i|| ||W_y||), in the compute dtype (O(B D))
-        c_y = (x.to(compute) * w_y.to(compute)).sum(-1) / (x_norm * wy_norm)
+        c_y = torch.einsum("ij,ij->i", x.to(compute), w_y.to(compute)) / (x_norm * wy_norm)
         weighted = kind == KIND_IDS["w_softmax"]
-        neg_lse_parts, target_parts = [], []
-        for start in range(0, x.shape[0], chunk_rows):
-            rows = slice(start, min(start + chunk_rows, x.shape[0]))
-            logits = torch.mm(x[rows], cols.T)
-            gram = torch.mm(w_y[rows], cols.T) if weighted else None
-            neg_lse, t = torch.ops.margin_kernels.margin_lse_fwd(
+        splits = plan.epilogue_grid[1]
+        neg_lse = torch.full_like(x_norm, -math.inf)
+        # ||W_j|| of every participating class (O(C)), kept for the backward: W is read once
+        # for them, here, not again per backward chunk
+        col_raw = torch.empty(chunks.num_cols, dtype=compute, device=x.device)
+        target_logit = None
+        for start in chunks.starts:
+            w_c, ids = chunks.columns(start)
+            w_op = chunks.operand(w_c)
+            raw = col_raw[start : start + w_c.shape[0]]
+            raw.copy_(chunks.raw_norms(w_op))
+            logits = chunks.mm(chunks.x_mm, w_op.T)
+            gram = chunks.mm(w_y_mm, w_op.T) if weighted else None
+            # neg_lse := logaddexp(neg_lse, LSE of this chunk), in place
+            t = torch.ops.margin_kernels.margin_lse_fwd(
                 logits,
                 gram,
-                x_norm[rows],
-                col_norm,
-                target[rows],
-                class_ids,
-                c_y[rows],
-                wy_norm[rows],
+                x_norm,
+                raw.clamp_min(NORM_EPS),
+                target,
+                ids,
+                start,
+                c_y,
+                wy_norm,
                 num_classes,
+                neg_lse,
+                splits,
                 kind,
                 params,
             )
-            neg_lse_parts.append(neg_lse)
-            target_parts.append(t)
-        if neg_lse_parts:
-            neg_lse, target_logit = torch.cat(neg_lse_parts), torch.cat(target_parts)
-        else:
-            neg_lse = target_logit = x.new_empty(0, dtype=compute)
-        ctx.save_for_backward(x, weight, target, class_ids, neg_lse, c_y)
-        ctx.params = (kind, params, chunk_rows, deterministic)
+            if target_logit is None:
+                target_logit = t
+            del logits, gram
+        ctx.save_for_backward(x, weight, target, class_ids, neg_lse, c_y, col_raw)
+        ctx.params = (kind, params, plan, deterministic)
         return neg_lse, target_logit
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_neg_lse: torch.Tensor, grad_target: torch.Tensor):
-        x, weight, target, class_ids, neg_lse, c_y = ctx.saved_tensors
-        kind, params, chunk_rows, deterministic = ctx.params
+        x, weight, target, class_ids, neg_lse, c_y, col_raw = ctx.saved_tensors
+        kind, params, plan, deterministic = ctx.params
         compute = neg_lse.dtype
         grad_neg_lse = grad_neg_lse.to(compute).contiguous()
         grad_target = grad_target.to(compute).contiguous()
         num_classes = weight.shape[0]
         has_target = (target >= 0) & (target < num_classes)
         safe_target = torch.where(has_target, target, torch.zeros_like(target))
-        cols = weight if class_ids is None else weight.index_select(0, class_ids)
+        chunks = _Chunks(x, weight, class_ids, plan.classes_per_chunk, compute)
         w_y = weight.index_select(0, safe_target)
+        w_y_mm = w_y.to(compute) if chunks.upcast else w_y
         x_norm, x_dir = _norm_and_direction(x.to(compute))
-        col_norm, col_dir = _norm_and_direction(cols.to(compute))
         wy_norm, wy_dir = _norm_and_direction(w_y.to(compute))
         weighted = kind == KIND_IDS["w_softmax"]
         # lsoftmax and soft_margin read raw W_j . x: no ||W_j|| term
         normalizes_weight = kind not in (KIND_IDS["lsoftmax"], KIND_IDS["soft_margin"])
-        # H_j = sum_i dL/dz_ij x_i (+ sum_i dL/dh_ij W_{y_i}), accumulated over the chunks
-        grad_cols = torch.zeros(cols.shape, dtype=compute, device=x.device)
-        same_dtype = x.dtype == compute
-        grad_x_parts, grad_wy_parts = [], []
-        for start in range(0, x.shape[0], chunk_rows):
-            rows = slice(start, min(start + chunk_rows, x.shape[0]))
-            logits = torch.mm(x[rows], cols.T)
-            gram = torch.mm(w_y[rows], cols.T) if weighted else None
-            # logits := dL/dz, gram := dL/dh, in place
-            d_xnorm, d_ctarget, d_tnorm = torch.ops.margin_kernels.margin_lse_bwd(
+        splits = plan.epilogue_grid[1]
+        # fp32 (fp64) accumulators across chunks: dz W (dX), dh W (W_y), and the row terms
+        grad_x = torch.zeros(x.shape, dtype=compute, device=x.device)
+        grad_wy_gram = torch.zeros(x.shape, dtype=compute, device=x.device) if weighted else None
+        d_xnorm = torch.zeros_like(x_norm)
+        d_ctarget = torch.zeros_like(x_norm)
+        d_tnorm = None
+        # every row of dW is written by its chunk; Partial FC scatters into zeros
+        # (contiguous, whatever W's layout: the chain pass writes rows of unit stride)
+        new_grad = torch.empty if class_ids is None else torch.zeros
+        grad_weight = new_grad(weight.shape, dtype=weight.dtype, device=weight.device)
+        in_place_dw = class_ids is None and weight.dtype == compute
+        for start in chunks.starts:
+            w_c, ids = chunks.columns(start)
+            w_op = chunks.operand(w_c)
+            raw = col_raw[start : start + w_c.shape[0]]
+            col_norm = raw.clamp_min(NORM_EPS)
+            logits = chunks.mm(chunks.x_mm, w_op.T)
+            gram = chunks.mm(w_y_mm, w_op.T) if weighted else None
+            # dL/dz (dL/dh): in place over the fp32 logits (gram), or, for 16-bit GEMM operands
+            # (CUDA), written by the epilogue straight into buffers in the storage dtype
+            separate = w_op.dtype != logits.dtype
+            d_z = torch.empty(logits.shape, dtype=w_op.dtype, device=x.device) if separate else None
+            d_h = None
+            if separate and weighted:
+                d_h = torch.empty(gram.shape, dtype=w_op.dtype, device=x.device)
+            dxn, dcy, dtn = torch.ops.margin_kernels.margin_lse_bwd(
                 logits,
                 gram,
-                x_norm[rows],
+                x_norm,
                 col_norm,
-                target[rows],
-                class_ids,
-                c_y[rows],
-                wy_norm[rows],
+                target,
+                ids,
+                start,
+                c_y,
+                wy_norm,
                 num_classes,
-                neg_lse[rows],
-                grad_neg_lse[rows],
-                grad_target[rows],
+                neg_lse,
+                grad_neg_lse,
+                grad_target,
+                splits,
+                d_tnorm is None,
+                d_z,
+                d_h,
                 kind,
                 params,
             )
-            xn, wyn, cy = x_norm[rows, None], wy_norm[rows, None], c_y[rows, None]
-            xf, wyf = x[rows].to(compute), w_y[rows].to(compute)
-            # dX_i = dz_i W + dL/d||x|| x_hat + dL/dc_y (W_y / (||x|| ||W_y||) - c_y x_hat / ||x||)
-            grad_x = torch.mm(logits, cols).to(compute)
-            grad_x += d_xnorm[:, None] * x_dir[rows]
-            grad_x += d_ctarget[:, None] * (wyf / (xn * wyn) - cy * x_dir[rows] / xn)
-            # the target row's W_y: via c_y, ||W_y|| and (W-Softmax) the gram
-            grad_wy = d_ctarget[:, None] * (xf / (xn * wyn) - cy * wy_dir[rows] / wyn)
-            grad_wy += d_tnorm[:, None] * wy_dir[rows]
-            _accumulate_mm(grad_cols, logits.T, x[rows], same_dtype)
+            d_xnorm += dxn
+            d_ctarget += dcy
+            if d_tnorm is None:
+                d_tnorm = dtn
+            if not separate:
+                d_z, d_h = logits, gram
+            del logits, gram
+            _accumulate(grad_x, chunks, d_z, w_op)
             if weighted:
-                k = torch.mm(gram, cols).to(compute)
-                grad_wy += k - (wyf * k).sum(-1, keepdim=True) / wyn * wy_dir[rows]
-                _accumulate_mm(grad_cols, gram.T, w_y[rows], same_dtype)
-            grad_x_parts.append(grad_x)
-            grad_wy_parts.append(grad_wy)
-        if normalizes_weight:
-            # d||W_j|| term at fixed dots: -(W_j . H_j) / ||W_j||, along d||W_j||/dW_j
-            radial = (cols.to(compute) * grad_cols).sum(-1, keepdim=True) / col_norm[:, None]
-            grad_cols -= radial * col_dir
-        if class_ids is None:
-            grad_weight = grad_cols
-        else:
-            grad_weight = torch.zeros(weight.shape, dtype=compute, device=x.device)
-            _accumulate_rows(grad_weight, class_ids, grad_cols, deterministic)
-        if grad_x_parts:
-            grad_input = torch.cat(grad_x_parts)
-            _accumulate_rows(grad_weight, safe_target, torch.cat(grad_wy_parts), deterministic)
-        else:
-            grad_input = torch.zeros(x.shape, dtype=compute, device=x.device)
-        return (
-            grad_input.to(x.dtype),
-            grad_weight.to(weight.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+                _accumulate(grad_wy_gram, chunks, d_h, w_op)
+            # H_c = dz^T x (+ dh^T W_y): in place in dW's rows when dtypes allow, else fp32
+            stop = start + w_c.shape[0]
+            h_c = grad_weight[start:stop] if in_place_dw else None
+            h_c = _mm_into(h_c, chunks, d_z.T, chunks.x_mm)
+            if weighted:
+                h_c += chunks.mm(d_h.T, w_y_mm)
+            del d_z, d_h
+            # the rows of dW_c, in W's dtype: dW's own rows, or (Partial FC) rows to scatter
+            if in_place_dw or (class_ids is not None and h_c.dtype == weight.dtype):
+                rows = h_c
+            elif class_ids is None:
+                rows = grad_weight[start:stop]
+            else:
+                rows = torch.empty_like(w_c)
+            if normalizes_weight:
+                # dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2 (0 where the eps clamp holds ||W_j||),
+                # one pass over H_c and W_c that writes the rows
+                torch.ops.margin_kernels.margin_column_chain(
+                    h_c, w_c, raw, None if rows is h_c else rows
+                )
+            elif rows is not h_c:
+                rows.copy_(h_c)
+            if class_ids is not None:
+                _accumulate_rows(grad_weight, ids, rows, deterministic)
+            del h_c, rows
+        xn, wyn, cy = x_norm[:, None], wy_norm[:, None], c_y[:, None]
+        xf, wyf = x.to(compute), w_y.to(compute)
+        # dX_i = dz_i W + dL/d||x|| x_hat + dL/dc_y (W_y / (||x|| ||W_y||) - c_y x_hat / ||x||)
+        grad_x += d_xnorm[:, None] * x_dir
+        grad_x += d_ctarget[:, None] * (wyf / (xn * wyn) - cy * x_dir / xn)
+        # the target row's W_y: via c_y, ||W_y|| and (W-Softmax) the gram
+        grad_wy = d_ctarget[:, None] * (xf / (xn * wyn) - cy * wy_dir / wyn)
+        grad_wy += d_tnorm[:, None] * wy_dir
+        if weighted:
+            k = grad_wy_gram
+            grad_wy += k - (wyf * k).sum(-1, keepdim=True) / wyn * wy_dir
+        if x.shape[0]:
+            _accumulate_rows(grad_weight, safe_target, grad_wy.to(weight.dtype), deterministic)
+        return (grad_x.to(x.dtype), grad_weight, None, None, None, None, None, None)
 
 
-def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, same_dtype: bool) -> None:
-    """out += a @ b; in place through cuBLAS when the storage dtype is the compute dtype, else
-    through one product in the storage dtype (out is float32 for float16/bfloat16 storage)."""
-    if same_dtype:
+def _accumulate(out: torch.Tensor, chunks: _Chunks, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b with out in the compute dtype: in place through the GEMM when the operands
+    are in it, else one fp32-output 16-bit GEMM (an O(B D) temporary)."""
+    if a.dtype == out.dtype:
         out.addmm_(a, b)
     else:
-        out += torch.mm(a, b).to(out.dtype)
+        out += chunks.mm(a, b)
+
+
+def _mm_into(out: torch.Tensor | None, chunks: _Chunks, a: torch.Tensor, b: torch.Tensor):
+    """a @ b in the compute dtype, written into ``out`` when given (dW's own rows)."""
+    if out is None:
+        return chunks.mm(a, b)
+    return torch.mm(a, b, out=out)
 
 
 def _accumulate_rows(
     out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, deterministic: bool
 ) -> None:
     """out[index[k]] += rows[k]; ``index_put_(accumulate=True)`` sorts the indices on CUDA, so it
-    is run-to-run identical where ``index_add_``'s atomics are not."""
-    if deterministic:
+    is run-to-run identical where ``index_add_``'s atomics are not. On CPU it is always taken:
+    CPU ``index_add_`` went through a parallel scatter that cost ~100 ms for 8 rows on a loaded
+    2-core machine (index_put_: microseconds)."""
+    if deterministic or out.device.type != "cuda":
         out.index_put_((index,), rows, accumulate=True)
     else:
         out.index_add_(0, index, rows)
@@ -295,20 +501,28 @@ def _chunked_lse_parts(
     chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backend's algorithm on whatever device the extension has kernels for (CUDA, or the
-    CPU twin on CPU tensors, which is what CI tests). Same contract as :func:`lse_parts`."""
+    CPU kernels on CPU tensors). Same contract as :func:`lse_parts`."""
     if not HAS_CUDA_EXT:
         raise RuntimeError(unavailable_reason(x.device, spec))
     _check_inputs(x, weight, target, class_ids)
     storage = torch.promote_types(x.dtype, weight.dtype)
     x, weight = x.to(storage), weight.to(storage)
-    num_cols = weight.shape[0] if class_ids is None else class_ids.shape[0]
-    chunk_rows = rows_per_chunk(num_cols, x.element_size(), spec, chunk_bytes)
+    plan = chunk_plan(
+        x.shape[0],
+        weight.shape[0],
+        x.shape[1],
+        storage,
+        spec.kind,
+        None if class_ids is None else class_ids.shape[0],
+        chunk_bytes,
+        device_type=x.device.type,
+    )
     kind, params = spec.kernel_args()
     target = target.contiguous()
     class_ids = None if class_ids is None else class_ids.contiguous()
     with torch.autocast(x.device.type, enabled=False):
         return _ChunkedMarginLSE.apply(
-            x, weight, target, class_ids, kind, list(params), chunk_rows, deterministic
+            x, weight, target, class_ids, kind, list(params), plan, deterministic
         )
 
 
@@ -323,19 +537,21 @@ def lse_parts(
     chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(neg_lse, target_logit)`` with the contract of
-    :func:`margin_kernels.reference.lse_parts`, on CUDA tensors.
+    :func:`margin_kernels.reference.lse_parts`, on CUDA or CPU tensors.
 
     Args:
-        x: (B, D) float16/bfloat16/float32/float64 features, on a CUDA device.
+        x: (B, D) float16/bfloat16/float32/float64 features, on a CUDA device or the CPU.
         weight: (C, D) class weights, same device.
         target: (B,) int64; a value outside [0, C) means the row has no target.
         spec: the margin.
         class_ids: optional (S,) int64 participating classes (Partial FC).
-        deterministic: accumulate dW rows with a sort-based scatter instead of atomics.
-        chunk_bytes: byte budget of one chunk's logits buffer (see :func:`rows_per_chunk`).
+        deterministic: scatter dW rows (Partial-FC columns, target rows) with a sort-based
+            accumulation instead of atomics; everything else is run-to-run identical anyway.
+        chunk_bytes: byte budget of the chunk-proportional buffers (see :func:`chunk_plan`).
 
     Returns:
-        Both (B,), float32 (float64 for float64 inputs), differentiable w.r.t. x and weight.
+        Both (B,), float32 (float64 for float64 inputs), differentiable once w.r.t. x and weight
+        (a double backward raises).
     """
     reason = unavailable_reason(x.device, spec)
     if reason is not None:
