@@ -495,8 +495,10 @@ def em_softmax_loss(
         weights: (K, C, D) one classifier per head.
         target: (B,) int64.
 
-    With ``reduction="none"`` the (B,) per-row head-mean CE is returned and the HSIC term, a
-    property of the weights rather than of a row, is left out.
+    With ``reduction="none"`` each non-ignored row gets its head-mean CE plus the whole
+    diversity term (a property of the weights, not of a row) and ignored rows 0, so that the
+    mean of the non-ignored rows is the "mean" loss (the rule of
+    :class:`margin_kernels.nn.LMSoftmaxLoss`'s regularisers too); "sum" adds it once.
     """
     if not isinstance(weights, torch.Tensor) or weights.dim() != 3:
         shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights)
@@ -508,11 +510,14 @@ def em_softmax_loss(
     num_heads = weights.shape[0]
     ce = sum(margin_cross_entropy(x, weights[k], target, spec, **common) for k in range(num_heads))
     ce = ce / num_heads
-    if common.get("reduction", "mean") == "none" or num_heads == 1 or hsic_weight == 0:
+    if num_heads == 1 or hsic_weight == 0:
         return ce
     pairs = list(itertools.combinations(range(num_heads), 2))
-    diversity = sum(reference.hsic(weights[a], weights[b]) for a, b in pairs) / len(pairs)
-    return ce + hsic_weight * diversity
+    diversity = hsic_weight * sum(reference.hsic(weights[a], weights[b]) for a, b in pairs)
+    diversity = diversity / len(pairs)
+    if common.get("reduction", "mean") == "none":
+        diversity = torch.where(target != common.get("ignore_index", -100), diversity, 0.0)
+    return ce + diversity
 
 
 def sample_margin_regularization(

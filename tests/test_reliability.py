@@ -104,6 +104,21 @@ def test_lm_regularisers_per_row_ignored_rows_zero_and_mean_consistent():
     torch.testing.assert_close(rows[valid], (ce + 0.7 * margins + 0.3 * centroid)[valid])
 
 
+def test_em_softmax_none_rows_carry_the_diversity_and_average_to_mean():
+    x, w, y = _data(b=8)
+    y[[0, 5]] = IGNORE
+    heads = torch.stack([w, w.flip(0) * 0.5, w.roll(1, 0)])
+    rows = mk.em_softmax_loss(x, heads, y, hsic_weight=0.4, reduction="none")
+    plain = mk.em_softmax_loss(x, heads, y, hsic_weight=0.0, reduction="none")
+    valid = y != IGNORE
+    assert torch.equal(rows[~valid], torch.zeros(2, dtype=rows.dtype))
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    diversity = 0.4 * sum(mk.hsic(heads[a], heads[b]) for a, b in pairs) / 3
+    torch.testing.assert_close(rows[valid], plain[valid] + diversity)
+    mean = mk.em_softmax_loss(x, heads, y, hsic_weight=0.4)
+    torch.testing.assert_close(rows[valid].mean(), mean, rtol=1e-12, atol=1e-12)
+
+
 def test_sample_margin_reductions_agree_with_the_reference():
     x, w, y = _data(b=8)
     y[2] = IGNORE
