@@ -1,8 +1,9 @@
 """Loss modules: each owns its class weight (C, D) and, for L-Softmax/SphereFace, the lambda
 annealing schedule; the math lives in :mod:`margin_kernels.functional`.
 
-``forward(embeddings (B, D), labels (B,) int64) -> loss``. ``scores(embeddings)`` gives the
-(B, C) prediction scores (cosine, or raw logits for the raw-weight kinds) for evaluation.
+``forward(embeddings (B, D), labels (B,) int64, class_ids=None) -> loss``. ``scores(embeddings)``
+gives the (B, C) prediction scores (cosine, or raw logits for the raw-weight kinds) for
+evaluation.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class _MarginLoss(nn.Module):
         reduction: str = "mean",
         ignore_index: int = -100,
         backend: str = "auto",
+        deterministic: bool = False,
         validate: str = "async",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -104,6 +106,8 @@ class _MarginLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.backend = backend
+        # run-to-run identical gradients from the fused backends (see margin_cross_entropy)
+        self.deterministic = bool(deterministic)
         self.validate = validate
         self.weight = nn.Parameter(
             torch.empty(num_classes, in_features, device=device, dtype=dtype)
@@ -123,8 +127,14 @@ class _MarginLoss(nn.Module):
         """The MarginSpec of the current step."""
         raise NotImplementedError
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """embeddings: (B, D) float; labels: (B,) int64 -> loss (scalar, or (B,) for 'none')."""
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """embeddings: (B, D) float; labels: (B,) int64; class_ids: optional (S,) int64 distinct
+        class ids of the denominator (Partial FC) -> loss (scalar, or (B,) for 'none')."""
         return F.margin_cross_entropy(
             embeddings,
             self.weight,
@@ -133,6 +143,8 @@ class _MarginLoss(nn.Module):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             backend=self.backend,
+            class_ids=class_ids,
+            deterministic=self.deterministic,
             validate=self.validate,
         )
 
@@ -219,8 +231,13 @@ class _PsiLoss(_MarginLoss):
     def margin(self) -> MarginSpec:
         return MarginSpec(self._kind, m=self.m, lam=self.current_lambda)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """embeddings: (B, D) float; labels: (B,) int64 -> loss (scalar, or (B,) for 'none')."""
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As :meth:`_MarginLoss.forward`, with lambda of the current iteration."""
         lam = self.lam if self.schedule is None else self.schedule.at(self._iteration)
         loss_fn = F.lsoftmax_loss if self._kind == "lsoftmax" else F.sphereface_loss
         loss = loss_fn(
@@ -232,6 +249,8 @@ class _PsiLoss(_MarginLoss):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             backend=self.backend,
+            class_ids=class_ids,
+            deterministic=self.deterministic,
             validate=self.validate,
         )
         if self.schedule is not None and self.training and torch.is_grad_enabled():
@@ -394,8 +413,13 @@ class LMSoftmaxLoss(_MarginLoss):
     def margin(self) -> MarginSpec:
         return MarginSpec.lm_softmax(self.s)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = super().forward(embeddings, labels)
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        loss = super().forward(embeddings, labels, class_ids)
         per_row = self.reduction == "none"
         if self.sample_margin_weight:
             # per row under "none" (0 on ignored rows), else the mean over valid rows, R_sm
@@ -459,7 +483,12 @@ class EMSoftmaxLoss(_MarginLoss):
     def margin(self) -> MarginSpec:
         return MarginSpec.soft_margin(self.m)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return F.em_softmax_loss(
             embeddings,
             self.weight,
@@ -469,6 +498,8 @@ class EMSoftmaxLoss(_MarginLoss):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             backend=self.backend,
+            class_ids=class_ids,
+            deterministic=self.deterministic,
             validate=self.validate,
         )
 

@@ -330,6 +330,21 @@ def test_functional_tensor_lambda_compiles_once():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+def test_annealed_module_passes_class_ids_and_refuses_repeats():
+    x, _, y = _data()
+    head = mk.nn.SphereFaceLoss(
+        5, 7, schedule=mk.nn.LambdaSchedule.sphereface(), deterministic=True, dtype=torch.float64
+    )
+    ids = torch.tensor([0, 3, 5])
+    got = head(x, y, ids)
+    want = mk.sphereface_loss(x, head.weight, y, m=4, lam=1000.0, class_ids=ids)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    every_class = mk.sphereface_loss(x, head.weight, y, m=4, lam=1000.0)
+    assert not torch.allclose(got, every_class), "class_ids must reach the loss"
+    with pytest.raises(ValueError, match="class_ids lists class 3 more than once"):
+        head(x, y, torch.tensor([3, 3]))
+
+
 def test_schedule_state_round_trip_and_device_counter():
     x, _, y = _data()
     head = mk.nn.LSoftmaxLoss(5, 7, m=2, schedule=mk.nn.LambdaSchedule.lsoftmax_mnist())
