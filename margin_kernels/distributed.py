@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 
 import torch
 from torch import nn
 
 from . import reference
 from .ops import BACKENDS, resolve
-from .spec import MarginSpec
+from .spec import GRAD_MODES, KIND_IDS, OVERFLOW_POLICIES, MarginSpec
 
 HAS_DISTRIBUTED = torch.distributed.is_available()
 if HAS_DISTRIBUTED:
@@ -46,6 +47,22 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Metadata error codes: what a rank found wrong with its own inputs, so that every rank can
 # raise the same ValueError instead of leaving the others waiting in a collective.
 _OK, _BAD_EMBEDDINGS, _BAD_DTYPE, _BAD_LABELS, _BAD_DEVICE = range(5)
+# Leading fields of a rank's metadata record: (error code, D, embedding dtype code, B_r); the
+# configuration fields of _config_fields follow.
+_INPUT_FIELDS = 4
+
+
+def _float_bits(value: float) -> int:
+    """A float as the int64 of its IEEE-754 bits: exact in the int64 metadata record."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _name_of(table: dict, code: int) -> str:
+    return next((name for name, c in table.items() if c == code), str(code))
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -198,11 +215,18 @@ class ClassParallelMarginLoss(nn.Module):
             the same tensor.
         ignore_index: label of rows that give loss 0 and gradient 0.
         backend: "auto" | "triton" | "cuda" | "torch", resolved per step for the weight's device.
-        validate: all-gather a tiny (error code, D, dtype, B_r) int64 record per rank before
-            the step (one small collective and one device-to-host read of ``4 world`` int64).
-            It lets local batch sizes differ and makes a rank's bad input raise the same
-            ``ValueError`` on every rank instead of hanging the others. ``validate=False`` skips
-            it (no host sync) and requires the same B_r, D and dtype on every rank.
+        validate: all-gather a tiny int64 record per rank before the step (one small
+            collective and one device-to-host read of ``21 world`` int64): error code, D, dtype,
+            B_r and the settings that must agree across ranks (num_classes, the margin's kind
+            and every hyper-parameter, reduction, ignore_index, sample_rate, the weight dtype).
+            It lets local batch sizes differ and makes a rank's bad input, or settings that
+            differ between ranks, raise the same ``ValueError`` on every rank instead of hanging
+            the others or silently computing a different loss per rank. ``validate=False``
+            skips it (no host sync) and requires the same B_r, D, dtype and settings on every
+            rank, unchecked. ``seed``, ``backend`` and ``deterministic`` may differ on purpose:
+            each rank samples its own shard with its own stream, and a backend only changes how
+            a shard's statistics are computed, not what they are. ``validate`` itself must agree
+            (one rank gathering metadata while another gathers embeddings cannot be detected).
         deterministic: ask the fused backends for run-to-run identical gradients.
         device, dtype: of the weight shard.
 
@@ -286,6 +310,11 @@ class ClassParallelMarginLoss(nn.Module):
             raise ValueError(
                 f"margin kind {spec.kind!r} cannot be class-parallel: its non-target logits "
                 "read the target class's weight W_y, which lives on another rank"
+            )
+        if spec.excludes_target and getattr(self, "num_classes", 2) < 2:
+            raise ValueError(
+                f"{spec.kind} needs num_classes >= 2 (its denominator holds only the non-target "
+                f"classes), got {self.num_classes}"
             )
         self._margin = spec
 
@@ -390,12 +419,43 @@ class ClassParallelMarginLoss(nn.Module):
         return chosen.sort().values
 
     # --- forward ----------------------------------------------------------------------------
+    def _config_fields(self) -> list[tuple[str, int, object]]:
+        """``(name, int64 code, decoder)`` of every setting that must agree across ranks: the
+        class count, the margin (kind and every hyper-parameter), reduction, ignore_index,
+        the sampling rate and the weight dtype. Floats travel as their exact bits. The seed and
+        the backend may differ on purpose (see the class docstring)."""
+        spec = self.margin
+        weight_dtype = self.weight.dtype
+        fields = [
+            ("num_classes", self.num_classes, int),
+            ("margin kind", KIND_IDS[spec.kind], lambda c: _name_of(KIND_IDS, c)),
+        ]
+        for name in ("s", "m", "m1", "m2", "m3", "lam", "lambda_p", "lambda_n", "alpha"):
+            fields.append((f"margin {name}", _float_bits(getattr(spec, name)), _bits_float))
+        fields += [
+            ("margin grad_mode", GRAD_MODES[spec.grad_mode], lambda c: _name_of(GRAD_MODES, c)),
+            (
+                "margin overflow",
+                OVERFLOW_POLICIES[spec.overflow],
+                lambda c: _name_of(OVERFLOW_POLICIES, c),
+            ),
+            ("reduction", _REDUCTIONS.index(self.reduction), lambda c: _REDUCTIONS[c]),
+            ("ignore_index", self.ignore_index, int),
+            ("sample_rate", _float_bits(self.sample_rate), _bits_float),
+            (
+                "weight dtype",
+                _FLOAT_DTYPES.index(weight_dtype) if weight_dtype in _FLOAT_DTYPES else -1,
+                lambda c: str(_FLOAT_DTYPES[c]) if c >= 0 else "other",
+            ),
+        ]
+        return fields
+
     def _exchange_metadata(
         self, embeddings: torch.Tensor, labels: torch.Tensor
     ) -> tuple[tuple[int, ...], torch.dtype]:
-        """All-gather every rank's (error code, D, dtype code, B_r) and raise the same
-        ValueError on every rank if any rank's inputs are bad; returns the batch sizes and the
-        common embedding dtype."""
+        """All-gather every rank's (error code, D, dtype code, B_r) and configuration, and raise
+        the same ValueError on every rank if the configurations differ or any rank's inputs are
+        bad; returns the batch sizes and the common embedding dtype."""
         device = self.weight.device
         code, width, dtype_code, rows = _OK, -1, -1, -1
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
@@ -416,9 +476,25 @@ class ClassParallelMarginLoss(nn.Module):
                 code = _BAD_LABELS
             elif embeddings.device != device or labels.device != device:
                 code = _BAD_DEVICE
-        record = torch.tensor([code, width, dtype_code, rows], dtype=torch.int64, device=device)
+        config = self._config_fields()
+        record = torch.tensor(
+            [code, width, dtype_code, rows, *(c for _, c, _ in config)],
+            dtype=torch.int64,
+            device=device,
+        )
         table = _all_gather_flat(record, self.world_size, self.process_group)
-        table = table.view(self.world_size, 4).tolist()
+        table = table.view(self.world_size, record.numel()).tolist()
+        differing = []
+        for k, (name, _, decode) in enumerate(config):
+            column = [row[_INPUT_FIELDS + k] for row in table]
+            if len(set(column)) > 1:
+                values = ", ".join(f"rank {r} {decode(c)}" for r, c in enumerate(column))
+                differing.append(f"{name}: {values}")
+        if differing:
+            raise ValueError(
+                "ClassParallelMarginLoss settings differ across ranks (every rank must build it "
+                "alike): " + "; ".join(differing)
+            )
         messages = {
             _BAD_EMBEDDINGS: "local_embeddings must be a 2-D tensor (B_r, D)",
             _BAD_DTYPE: "local_embeddings must be float16, bfloat16, float32 or float64",
@@ -427,7 +503,7 @@ class ClassParallelMarginLoss(nn.Module):
             _BAD_DEVICE: f"local_embeddings and local_labels must be on the weight's device "
             f"({device})",
         }
-        for r, (code_r, width_r, _, _) in enumerate(table):
+        for r, (code_r, width_r, *_) in enumerate(table):
             if code_r != _OK:
                 raise ValueError(f"rank {r}: {messages[code_r]}")
             if width_r != self.in_features:

@@ -4,6 +4,16 @@ Common keyword arguments of every loss:
     reduction: "mean" (over non-ignored rows; 0 when there are none), "sum" or "none" ((B,)).
     ignore_index: rows whose label equals it give loss 0 and gradient 0 (default -100).
     backend: "auto" | "triton" | "cuda" | "torch" (see the README's backend matrix).
+    validate: "async" (default) or "sync", how the checks that read tensor values (labels in
+        range, ``class_ids`` without repeats, a tensor ``lam`` finite and >= 0) report a bad
+        value. "async": on CPU tensors in eager mode they read the values (free there) and raise
+        ``IndexError``/``ValueError`` naming the bad value; on CUDA tensors, and anywhere inside
+        ``torch.compile``, they are ``torch._assert_async`` (no host sync, no graph break): a
+        ``RuntimeError`` under compile on CPU, a device-side assert on CUDA, which leaves the
+        CUDA context unusable for the rest of the process. "sync": always read the values back
+        (one host sync) and raise the ``IndexError``/``ValueError`` with the bad value, on any
+        device; for debugging. It breaks the graph under ``torch.compile``, so
+        ``fullgraph=True`` refuses it.
 
 Dtypes: x and weight may be float16, bfloat16, float32 or float64. The loss is float32 (float64
 when an input is float64). Under ``torch.autocast`` both operands are cast to the autocast dtype
@@ -14,6 +24,7 @@ promoted to the common dtype.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -39,6 +50,27 @@ __all__ = [
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
+VALIDATE_MODES = ("async", "sync")
+
+
+def check_options(reduction: str, ignore_index: int, backend: str, validate: str) -> None:
+    """The common keywords of every loss; the modules call it at construction."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if validate not in VALIDATE_MODES:
+        raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
+
+
+def check_nonnegative(name: str, value: object) -> None:
+    """A finite real number >= 0 (a Python int or float, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
 def _check_float_matrix(name: str, t: object, layout: str) -> None:
@@ -50,11 +82,33 @@ def _check_float_matrix(name: str, t: object, layout: str) -> None:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def _reads_back(t: torch.Tensor, validate: str) -> bool:
+    """Whether a value check may read ``t`` back to the host: always with validate="sync";
+    otherwise only for CPU tensors outside torch.compile, where it costs nothing."""
+    return validate == "sync" or (t.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
+@torch.compiler.disable
+def _raise_bad_labels(
+    name: str, labels: torch.Tensor, in_range: torch.Tensor, num_classes: int, ignore_index
+) -> None:
+    """The synchronous label check (a graph break under torch.compile, by design)."""
+    if labels.numel() and not bool(in_range.all()):
+        bad = labels[~in_range][0].item()
+        extra = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise IndexError(f"{name} value {bad} is out of range [0, {num_classes}){extra}")
+
+
 def _check_labels(
-    name: str, labels: object, length: int | None, num_classes: int, ignore_index: int | None
+    name: str,
+    labels: object,
+    length: int | None,
+    num_classes: int,
+    ignore_index: int | None,
+    validate: str = "async",
 ) -> torch.Tensor:
     """Validate an integer label/id vector; returns it as int64. Range errors raise IndexError
-    (on CUDA through ``torch._assert_async``, so there is no host sync)."""
+    (see ``validate`` in the module docstring for CUDA and torch.compile)."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of int64, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -67,14 +121,67 @@ def _check_labels(
     in_range = (labels >= 0) & (labels < num_classes)
     if ignore_index is not None:
         in_range |= labels == ignore_index
-    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+    if _reads_back(labels, validate):
+        _raise_bad_labels(name, labels, in_range, num_classes, ignore_index)
+    else:
         # no host sync on accelerators, and no graph break under torch.compile
         torch._assert_async(in_range.all(), f"{name} out of range [0, {num_classes})")
-    elif labels.numel() and not bool(in_range.all()):
-        bad = labels[~in_range][0].item()
-        extra = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
-        raise IndexError(f"{name} value {bad} is out of range [0, {num_classes}){extra}")
     return labels
+
+
+@torch.compiler.disable
+def _raise_repeated_ids(ordered: torch.Tensor, repeated: torch.Tensor) -> None:
+    if bool(repeated.any()):
+        value = ordered[1:][repeated][0].item()
+        raise ValueError(
+            f"class_ids lists class {value} more than once: each sampled class must appear "
+            "once, or it would count twice in the denominator"
+        )
+
+
+def _check_unique_ids(class_ids: torch.Tensor, validate: str) -> None:
+    """class_ids must not repeat a class. Checked on the sorted ids (O(S log S), no host sync
+    unless the values may be read back, see ``_reads_back``)."""
+    if class_ids.shape[0] < 2:
+        return
+    ordered = class_ids.sort().values
+    repeated = ordered[1:] == ordered[:-1]
+    if _reads_back(class_ids, validate):
+        _raise_repeated_ids(ordered, repeated)
+    else:
+        torch._assert_async(~repeated.any(), "class_ids lists a class more than once")
+
+
+@torch.compiler.disable
+def _raise_bad_lam(lam: torch.Tensor) -> None:
+    value = lam.item()
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"lam must be finite and >= 0, got {value}")
+
+
+def _check_lam(lam: object, device: torch.device, validate: str) -> float | torch.Tensor:
+    """``lam`` as a float (validated by MarginSpec) or a 0-d floating tensor on ``device`` or
+    the CPU (its value checked like the labels, see ``validate``)."""
+    if not isinstance(lam, torch.Tensor):
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise ValueError(f"lam must be a float or a 0-d float tensor, got {lam!r}")
+        if not torch.compiler.is_compiling():
+            return float(lam)
+        # under torch.compile a Python float may reach here as a symbolic value; as a tensor
+        # it is a graph input, so a changing lam never recompiles
+        lam = torch.tensor(lam, dtype=torch.float64, device=device)
+    if lam.dim() != 0 or not lam.dtype.is_floating_point:
+        raise ValueError(
+            f"lam must be a float or a 0-d float tensor, got shape {tuple(lam.shape)} "
+            f"dtype {lam.dtype}"
+        )
+    if lam.device != device and lam.device.type != "cpu":
+        raise ValueError(f"lam must be on x's device ({device}) or the CPU, got {lam.device}")
+    if _reads_back(lam, validate):
+        _raise_bad_lam(lam)
+    else:
+        torch._assert_async(torch.isfinite(lam) & (lam >= 0), "lam must be finite and >= 0")
+    return lam
 
 
 def _prepare(
@@ -85,6 +192,7 @@ def _prepare(
     ignore_index: int,
     backend: str,
     class_ids: torch.Tensor | None = None,
+    validate: str = "async",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Shared validation of the margin losses' inputs; returns (x, weight, target, class_ids)
     with matching dtypes and int64 labels. Raises before touching any data."""
@@ -97,12 +205,7 @@ def _prepare(
         )
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one class (C >= 1)")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_options(reduction, ignore_index, backend, validate)
     tensors = {"x": x, "weight": weight, "target": target}
     if class_ids is not None:
         tensors["class_ids"] = class_ids
@@ -111,9 +214,10 @@ def _prepare(
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"inputs must be on one device, got {listing}")
     num_classes = weight.shape[0]
-    target = _check_labels("target", target, x.shape[0], num_classes, ignore_index)
+    target = _check_labels("target", target, x.shape[0], num_classes, ignore_index, validate)
     if class_ids is not None:
-        class_ids = _check_labels("class_ids", class_ids, None, num_classes, None)
+        class_ids = _check_labels("class_ids", class_ids, None, num_classes, None, validate)
+        _check_unique_ids(class_ids, validate)
     if torch.is_autocast_enabled(x.device.type):
         amp_dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(amp_dtype), weight.to(amp_dtype)
@@ -121,6 +225,51 @@ def _prepare(
         common = torch.promote_types(x.dtype, weight.dtype)
         x, weight = x.to(common), weight.to(common)
     return x, weight, target, class_ids
+
+
+def _check_negatives(margin: MarginSpec, num_classes: int, class_ids: torch.Tensor | None) -> None:
+    """LM-Softmax's denominator holds the negatives only: with fewer than two classes (or two
+    sampled ids; they are distinct, so then every row keeps a negative) a row has none and its
+    loss would be -inf."""
+    if not margin.excludes_target:
+        return
+    if num_classes < 2:
+        raise ValueError(
+            f"{margin.kind} needs C >= 2 classes (its denominator holds only the non-target "
+            f"classes), got weight with C={num_classes}"
+        )
+    if class_ids is not None and class_ids.shape[0] < 2:
+        raise ValueError(
+            f"{margin.kind} needs class_ids with at least 2 classes (its denominator holds only "
+            f"the non-target classes), got {class_ids.shape[0]}"
+        )
+
+
+@reference._no_autocast
+def _blend_psi_target(
+    t0: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    kind: str,
+    lam: torch.Tensor,
+) -> torch.Tensor:
+    """Target logit of lsoftmax/sphereface at a tensor ``lam`` from the backend's lam = 0 one.
+
+    T_lam = scale (lam c + psi(c)) / (1 + lam) = (lam f_y + T_0) / (1 + lam), where T_0 is the
+    target logit at lam = 0 and f_y = scale c_iy is the plain target logit: z_iy = W_y . x_i
+    (lsoftmax, scale ||W_y|| ||x||) or ||x|| c_iy = W_y . x_i / ||W_y|| (sphereface). O(B D),
+    differentiable; rows without a target keep 0.
+    """
+    cd = t0.dtype
+    has_target = (target >= 0) & (target < weight.shape[0])
+    w_y = weight[torch.where(has_target, target, 0)].to(cd)
+    f_y = (x.to(cd) * w_y).sum(-1)
+    if kind == "sphereface":
+        f_y = f_y / reference.row_norm(w_y)
+    lam = lam.to(device=t0.device, dtype=cd)
+    blended = (lam * f_y + t0) / (1 + lam)
+    return torch.where(has_target, blended, torch.zeros_like(blended))
 
 
 def margin_cross_entropy(
@@ -134,6 +283,7 @@ def margin_cross_entropy(
     backend: str = "auto",
     class_ids: torch.Tensor | None = None,
     deterministic: bool = False,
+    validate: str = "async",
 ) -> torch.Tensor:
     """Margin-based softmax cross-entropy of ``x`` against the classes ``weight``.
 
@@ -142,26 +292,72 @@ def margin_cross_entropy(
         weight: (C, D) class weights (the ``nn.Linear`` layout).
         target: (B,) int64 labels in [0, C) or ``ignore_index``.
         margin: a :class:`MarginSpec` (kind and hyper-parameters).
-        reduction, ignore_index, backend: see the module docstring.
-        class_ids: optional (S,) int64 class ids (Partial FC): only these classes, plus each
-            row's target, enter the denominator. The target logit is always computed from
-            ``weight[target]``, so a sampled set need not list the positives.
+        reduction, ignore_index, backend, validate: see the module docstring.
+        class_ids: optional (S,) int64 distinct class ids (Partial FC): only these classes, plus
+            each row's target, enter the denominator. The target logit is always computed from
+            ``weight[target]``, so a sampled set need not list the positives. LM-Softmax needs
+            S >= 2 (and C >= 2), so that every row keeps a non-target class.
         deterministic: ask the fused backends for bitwise run-to-run identical gradients.
 
     Returns:
         The loss: a float32 scalar (float64 for float64 inputs), or (B,) with
         ``reduction="none"``.
     """
+    return _margin_cross_entropy(
+        x, weight, target, margin, reduction, ignore_index, backend, class_ids, deterministic,
+        validate, None,
+    )  # fmt: skip
+
+
+def _margin_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    margin: MarginSpec,
+    reduction: str,
+    ignore_index: int,
+    backend: str,
+    class_ids: torch.Tensor | None,
+    deterministic: bool,
+    validate: str,
+    psi_lam: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`margin_cross_entropy`; with ``psi_lam`` (a 0-d tensor) the lsoftmax/sphereface
+    ``margin`` must carry lam = 0 and the target logit is blended at ``psi_lam`` outside the
+    backend (:func:`_blend_psi_target`), so that lam is a graph input under torch.compile."""
     if not isinstance(margin, MarginSpec):
         raise ValueError(f"margin must be a MarginSpec, got {type(margin).__name__}")
     x, weight, target, class_ids = _prepare(
-        x, weight, target, reduction, ignore_index, backend, class_ids
+        x, weight, target, reduction, ignore_index, backend, class_ids, validate
     )
+    _check_negatives(margin, weight.shape[0], class_ids)
     _, lse_parts = resolve(backend, x.device, margin)
     valid = target != ignore_index
     local_target = torch.where(valid, target, torch.full_like(target, -1))
     neg_lse, t = lse_parts(x, weight, local_target, margin, class_ids, deterministic=deterministic)
+    if psi_lam is not None:
+        t = _blend_psi_target(t, x, weight, local_target, margin.kind, psi_lam)
     return reference.loss_from_parts(neg_lse, t, valid, margin, reduction)
+
+
+def _psi_loss(kind, x, weight, target, m, lam, common) -> torch.Tensor:
+    """lsoftmax/sphereface with ``lam`` a float (in the MarginSpec, as the kernels take it) or
+    a 0-d tensor (blended outside the backend: changing it never recompiles)."""
+    options = {
+        "reduction": "mean",
+        "ignore_index": -100,
+        "backend": "auto",
+        "class_ids": None,
+        "deterministic": False,
+        "validate": "async",
+    }
+    options.update(common)
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    lam = _check_lam(lam, device, options["validate"])
+    if not isinstance(lam, torch.Tensor):
+        return margin_cross_entropy(x, weight, target, MarginSpec(kind, m=m, lam=lam), **options)
+    spec = MarginSpec(kind, m=m, lam=0.0)
+    return _margin_cross_entropy(x, weight, target, spec, psi_lam=lam, **options)
 
 
 def lsoftmax_loss(
@@ -169,13 +365,15 @@ def lsoftmax_loss(
     weight: torch.Tensor,
     target: torch.Tensor,
     m: int = 4,
-    lam: float = 0.0,
+    lam: float | torch.Tensor = 0.0,
     **common,
 ) -> torch.Tensor:
     """L-Softmax (Liu et al. 2016): T = ||W_y|| ||x|| (lam c + psi_m(c)) / (1 + lam),
-    non-target logits are the raw W_j . x. ``m`` in 1..16; ``lam`` is the annealed blend
-    (see :class:`margin_kernels.nn.LambdaSchedule`). Shapes as in :func:`margin_cross_entropy`."""
-    return margin_cross_entropy(x, weight, target, MarginSpec.lsoftmax(m, lam), **common)
+    non-target logits are the raw W_j . x. ``m`` in 1..16; ``lam`` >= 0 is the annealed blend
+    (see :class:`margin_kernels.nn.LambdaSchedule`), a float or a 0-d float tensor: pass a
+    tensor when lam changes between calls of a ``torch.compile``-d step, so that it is a graph
+    input and never recompiles. Shapes as in :func:`margin_cross_entropy`."""
+    return _psi_loss("lsoftmax", x, weight, target, m, lam, common)
 
 
 def sphereface_loss(
@@ -183,12 +381,13 @@ def sphereface_loss(
     weight: torch.Tensor,
     target: torch.Tensor,
     m: int = 4,
-    lam: float = 0.0,
+    lam: float | torch.Tensor = 0.0,
     **common,
 ) -> torch.Tensor:
     """A-Softmax / SphereFace (Liu et al. 2017): weights normalised, features not:
-    T = ||x|| (lam c + psi_m(c)) / (1 + lam), N = ||x|| c_ij."""
-    return margin_cross_entropy(x, weight, target, MarginSpec.sphereface(m, lam), **common)
+    T = ||x|| (lam c + psi_m(c)) / (1 + lam), N = ||x|| c_ij. ``lam`` as in
+    :func:`lsoftmax_loss` (a float or a 0-d tensor)."""
+    return _psi_loss("sphereface", x, weight, target, m, lam, common)
 
 
 def cosface_loss(
@@ -296,34 +495,70 @@ def em_softmax_loss(
         weights: (K, C, D) one classifier per head.
         target: (B,) int64.
 
-    With ``reduction="none"`` the (B,) per-row head-mean CE is returned and the HSIC term, a
-    property of the weights rather than of a row, is left out.
+    With ``reduction="none"`` each non-ignored row gets its head-mean CE plus the whole
+    diversity term (a property of the weights, not of a row) and ignored rows 0, so that the
+    mean of the non-ignored rows is the "mean" loss (the rule of
+    :class:`margin_kernels.nn.LMSoftmaxLoss`'s regularisers too); "sum" adds it once.
     """
     if not isinstance(weights, torch.Tensor) or weights.dim() != 3:
         shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights)
         raise ValueError(f"weights must be a (K, C, D) tensor, got {shape}")
     if weights.shape[0] == 0:
         raise ValueError("weights must hold at least one head (K >= 1)")
-    if not isinstance(hsic_weight, (int, float)) or hsic_weight < 0:
-        raise ValueError(f"hsic_weight must be >= 0, got {hsic_weight!r}")
+    check_nonnegative("hsic_weight", hsic_weight)
     spec = MarginSpec.soft_margin(m)
     num_heads = weights.shape[0]
     ce = sum(margin_cross_entropy(x, weights[k], target, spec, **common) for k in range(num_heads))
     ce = ce / num_heads
-    if common.get("reduction", "mean") == "none" or num_heads == 1 or hsic_weight == 0:
+    if num_heads == 1 or hsic_weight == 0:
         return ce
     pairs = list(itertools.combinations(range(num_heads), 2))
-    diversity = sum(reference.hsic(weights[a], weights[b]) for a, b in pairs) / len(pairs)
-    return ce + hsic_weight * diversity
+    diversity = hsic_weight * sum(reference.hsic(weights[a], weights[b]) for a, b in pairs)
+    diversity = diversity / len(pairs)
+    if common.get("reduction", "mean") == "none":
+        diversity = torch.where(target != common.get("ignore_index", -100), diversity, 0.0)
+    return ce + diversity
 
 
 def sample_margin_regularization(
-    x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    *,
+    reduction: str = "mean",
+    validate: str = "async",
 ) -> torch.Tensor:
     """LM-Softmax sample-margin regulariser R_sm = mean_i (max_{j != y} c_ij - c_iy), over
-    non-ignored rows. x: (B, D), weight: (C, D), target: (B,) int64. O(B C) memory (torch)."""
-    x, weight, target, _ = _prepare(x, weight, target, "mean", ignore_index, "torch")
-    return reference.sample_margin_regularization(x, weight, target, ignore_index)
+    non-ignored rows. x: (B, D), weight: (C, D) with C >= 2 (a row needs a class j != y),
+    target: (B,) int64. ``reduction``: "mean" (the regulariser; 0 when every row is ignored),
+    "sum", or "none" for the (B,) per-row margins, 0 on ignored rows. O(B C) memory (torch)."""
+    x, weight, target, _ = _prepare(
+        x, weight, target, reduction, ignore_index, "torch", None, validate
+    )
+    if weight.shape[0] < 2:
+        raise ValueError(
+            "sample_margin_regularization needs C >= 2 classes (max over j != y of an empty "
+            f"set), got weight with C={weight.shape[0]}"
+        )
+    if reduction == "mean":
+        return reference.sample_margin_regularization(x, weight, target, ignore_index)
+    rows = _sample_margins(x, weight, target, ignore_index)
+    return rows if reduction == "none" else rows.sum()
+
+
+@reference._no_autocast
+def _sample_margins(
+    x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """(B,) max_{j != y} c_ij - c_iy per row, 0 on ignored rows; their mean over the valid rows
+    is :func:`margin_kernels.reference.sample_margin_regularization`."""
+    cos = reference.cosine_matrix(x, weight)
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    c_y = cos.gather(1, safe[:, None]).squeeze(1)
+    hardest = cos.scatter(1, safe[:, None], -math.inf).max(dim=1).values
+    return torch.where(valid, hardest - c_y, torch.zeros_like(c_y))
 
 
 def zero_centroid_regularization(weight: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,8 @@ __all__ = [
 @dataclass(frozen=True)
 class LambdaSchedule:
     """lambda(iter) = max(lambda_min, base * (1 + gamma * iter) ** (-power)), the psi blending
-    schedule of the L-Softmax and SphereFace training recipes."""
+    schedule of the L-Softmax and SphereFace training recipes. Every field is a finite real
+    number >= 0."""
 
     base: float = 1000.0
     gamma: float = 0.12
@@ -44,11 +45,23 @@ class LambdaSchedule:
     lambda_min: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.base < 0 or self.gamma < 0 or self.power < 0 or self.lambda_min < 0:
-            raise ValueError(f"LambdaSchedule fields must be >= 0, got {self}")
+        for name in ("base", "gamma", "power", "lambda_min"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"LambdaSchedule {name} must be a real number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"LambdaSchedule {name} must be finite and >= 0, got {value!r}")
 
     def __call__(self, iteration: int) -> float:
         return max(self.lambda_min, self.base * (1 + self.gamma * iteration) ** (-self.power))
+
+    def at(self, iteration: torch.Tensor) -> torch.Tensor:
+        """The same schedule on a 0-d integer tensor, as a 0-d float64 tensor on its device
+        (float32 on MPS): computed on the device, so a compiled step reads the iteration as a
+        graph input and never recompiles as lambda anneals."""
+        dtype = torch.float32 if iteration.device.type == "mps" else torch.float64
+        decayed = self.base * (1 + self.gamma * iteration.to(dtype)) ** (-self.power)
+        return decayed.clamp_min(self.lambda_min)
 
     @classmethod
     def sphereface(cls) -> LambdaSchedule:
@@ -61,8 +74,17 @@ class LambdaSchedule:
         return cls(1000.0, 2.5e-5, 35.0, 0.0)
 
 
+def _check_size(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be an int > 0, got {value!r}")
+
+
 class _MarginLoss(nn.Module):
-    """Weight (C, D), common options and forward; subclasses only describe their margin."""
+    """Weight (C, D), common options and forward; subclasses only describe their margin.
+
+    Every argument is validated here, at construction (``ValueError`` naming it), not at the
+    first forward. ``validate`` is the functions' keyword (see :mod:`margin_kernels.functional`).
+    """
 
     def __init__(
         self,
@@ -73,14 +95,14 @@ class _MarginLoss(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
         deterministic: bool = False,
+        validate: str = "async",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if in_features <= 0 or num_classes <= 0:
-            raise ValueError(
-                f"in_features and num_classes must be > 0, got {in_features}, {num_classes}"
-            )
+        _check_size("in_features", in_features)
+        _check_size("num_classes", num_classes)
+        F.check_options(reduction, ignore_index, backend, validate)
         self.in_features = in_features
         self.num_classes = num_classes
         self.reduction = reduction
@@ -88,11 +110,16 @@ class _MarginLoss(nn.Module):
         self.backend = backend
         # run-to-run identical gradients from the fused backends (see margin_cross_entropy)
         self.deterministic = bool(deterministic)
+        self.validate = validate
         self.weight = nn.Parameter(
             torch.empty(num_classes, in_features, device=device, dtype=dtype)
         )
         self.reset_parameters()
+        self._init_state()
         self.margin()  # validate the hyper-parameters now, not at the first forward
+
+    def _init_state(self) -> None:
+        """Buffers of a subclass, registered before the margin is first validated."""
 
     def reset_parameters(self) -> None:
         # nn.Linear's initialisation: rows of comparable norm, no class favoured.
@@ -108,8 +135,8 @@ class _MarginLoss(nn.Module):
         labels: torch.Tensor,
         class_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """embeddings: (B, D) float; labels: (B,) int64; class_ids: optional (S,) int64 class
-        ids of the denominator (Partial FC, e.g. from :class:`PartialFCSampler`) -> loss
+        """embeddings: (B, D) float; labels: (B,) int64; class_ids: optional (S,) int64 distinct
+        class ids of the denominator (Partial FC, e.g. from :class:`PartialFCSampler`) -> loss
         (scalar, or (B,) for 'none')."""
         return F.margin_cross_entropy(
             embeddings,
@@ -121,6 +148,7 @@ class _MarginLoss(nn.Module):
             backend=self.backend,
             class_ids=class_ids,
             deterministic=self.deterministic,
+            validate=self.validate,
         )
 
     @torch.no_grad()
@@ -145,9 +173,16 @@ class _MarginLoss(nn.Module):
 
 
 class _PsiLoss(_MarginLoss):
-    """L-Softmax / SphereFace: integer margin m and a lambda that is fixed or annealed. The
-    iteration counter is saved in the state_dict (extra state), so a checkpoint resumes the
-    schedule where it stopped."""
+    """L-Softmax / SphereFace: integer margin m and a lambda that is fixed or annealed.
+
+    With a ``schedule``, the iteration counter is a 0-d int64 buffer on the weight's device and
+    lambda is computed from it on the device (:meth:`LambdaSchedule.at`) and passed to the loss
+    as a 0-d tensor: a ``torch.compile``-d training step reads both as graph inputs, so
+    annealing never recompiles. The counter advances once per forward in training mode with
+    gradients enabled: not in ``eval()``, nor under ``torch.no_grad()`` / ``inference_mode``
+    (an evaluation loop that forgot ``.eval()`` does not move the schedule). It is saved in the
+    state_dict (extra state), so a checkpoint resumes the schedule where it stopped.
+    """
 
     _kind = ""
 
@@ -160,12 +195,31 @@ class _PsiLoss(_MarginLoss):
         schedule: LambdaSchedule | None = None,
         **common,
     ) -> None:
+        if schedule is not None and not isinstance(schedule, LambdaSchedule):
+            raise ValueError(f"schedule must be a LambdaSchedule or None, got {schedule!r}")
         self.m = m
         self.lam = lam
         self.schedule = schedule
-        # A host-side int (no device sync to read it), saved in the state_dict as extra state.
-        self.iteration = 0
         super().__init__(in_features, num_classes, **common)
+
+    def _init_state(self) -> None:
+        # non-persistent: the state_dict carries it as extra state (a plain int), as before
+        self.register_buffer(
+            "_iteration",
+            torch.zeros((), dtype=torch.int64, device=self.weight.device),
+            persistent=False,
+        )
+
+    @property
+    def iteration(self) -> int:
+        """Training forwards done so far (reading it syncs with the device)."""
+        return int(self._iteration)
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"iteration must be an int >= 0, got {value!r}")
+        self._iteration.fill_(value)
 
     @property
     def current_lambda(self) -> float:
@@ -186,9 +240,24 @@ class _PsiLoss(_MarginLoss):
         labels: torch.Tensor,
         class_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        loss = super().forward(embeddings, labels, class_ids)
-        if self.training and self.schedule is not None:
-            self.iteration += 1
+        """As :meth:`_MarginLoss.forward`, with lambda of the current iteration."""
+        lam = self.lam if self.schedule is None else self.schedule.at(self._iteration)
+        loss_fn = F.lsoftmax_loss if self._kind == "lsoftmax" else F.sphereface_loss
+        loss = loss_fn(
+            embeddings,
+            self.weight,
+            labels,
+            m=self.m,
+            lam=lam,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+            class_ids=class_ids,
+            deterministic=self.deterministic,
+            validate=self.validate,
+        )
+        if self.schedule is not None and self.training and torch.is_grad_enabled():
+            self._iteration = self._iteration + 1
         return loss
 
     def _hyper(self) -> dict:
@@ -313,8 +382,15 @@ class WSoftmaxLoss(_MarginLoss):
 
 
 class LMSoftmaxLoss(_MarginLoss):
-    """LM-Softmax (target left out of the denominator) plus its optional regularisers:
-    ``sample_margin_weight * R_sm + zero_centroid_weight * R_w``."""
+    """LM-Softmax (target left out of the denominator, so ``num_classes`` >= 2) plus its
+    optional regularisers: ``sample_margin_weight * R_sm + zero_centroid_weight * R_w``.
+
+    Reductions with regularisers: "mean" adds both terms to the mean loss; "sum" adds them
+    once to the summed loss; "none" gives each non-ignored row
+    ``loss_i + sample_margin_weight * margin_i + zero_centroid_weight * R_w`` (``margin_i`` its
+    own sample margin) and each ignored row 0, so that the mean of the non-ignored rows is the
+    "mean" loss.
+    """
 
     def __init__(
         self,
@@ -325,10 +401,12 @@ class LMSoftmaxLoss(_MarginLoss):
         zero_centroid_weight: float = 0.0,
         **common,
     ) -> None:
-        if sample_margin_weight < 0 or zero_centroid_weight < 0:
+        F.check_nonnegative("sample_margin_weight", sample_margin_weight)
+        F.check_nonnegative("zero_centroid_weight", zero_centroid_weight)
+        if not isinstance(num_classes, bool) and isinstance(num_classes, int) and num_classes < 2:
             raise ValueError(
-                "sample_margin_weight and zero_centroid_weight must be >= 0, got "
-                f"{sample_margin_weight}, {zero_centroid_weight}"
+                f"num_classes must be >= 2 for LM-Softmax (its denominator holds only the "
+                f"non-target classes), got {num_classes}"
             )
         self.s = s
         self.sample_margin_weight = sample_margin_weight
@@ -345,12 +423,23 @@ class LMSoftmaxLoss(_MarginLoss):
         class_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         loss = super().forward(embeddings, labels, class_ids)
+        per_row = self.reduction == "none"
         if self.sample_margin_weight:
+            # per row under "none" (0 on ignored rows), else the mean over valid rows, R_sm
             loss = loss + self.sample_margin_weight * F.sample_margin_regularization(
-                embeddings, self.weight, labels, self.ignore_index
+                embeddings,
+                self.weight,
+                labels,
+                self.ignore_index,
+                reduction="none" if per_row else "mean",
+                validate=self.validate,
             )
         if self.zero_centroid_weight:
-            loss = loss + self.zero_centroid_weight * F.zero_centroid_regularization(self.weight)
+            centroid = self.zero_centroid_weight * F.zero_centroid_regularization(self.weight)
+            if per_row:
+                # a property of the weight: every non-ignored row carries it, ignored rows 0
+                centroid = torch.where(labels != self.ignore_index, centroid, 0.0)
+            loss = loss + centroid
         return loss
 
     def _hyper(self) -> dict:
@@ -374,8 +463,8 @@ class EMSoftmaxLoss(_MarginLoss):
         hsic_weight: float = 0.1,
         **common,
     ) -> None:
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        _check_size("num_heads", num_heads)
+        F.check_nonnegative("hsic_weight", hsic_weight)
         self.num_heads, self.m, self.hsic_weight = num_heads, m, hsic_weight
         super().__init__(in_features, num_classes, **common)
         self.weight = nn.Parameter(
@@ -414,6 +503,7 @@ class EMSoftmaxLoss(_MarginLoss):
             backend=self.backend,
             class_ids=class_ids,
             deterministic=self.deterministic,
+            validate=self.validate,
         )
 
     @torch.no_grad()

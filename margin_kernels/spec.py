@@ -62,9 +62,9 @@ class MarginSpec:
     Attributes:
         kind: one of ``KIND_IDS``.
         s: logit scale (cosface, arcface, combined, lm_softmax).
-        m: margin. Integer 1..MAX_PSI_M (16) for the psi kinds (lsoftmax, sphereface); an angle in radians
-            for arcface; an additive cosine margin for cosface; the SO-Softmax margin; the
-            additive logit margin of soft_margin (the EM-Softmax head).
+        m: margin. Integer 1..MAX_PSI_M (16) for the psi kinds (lsoftmax, sphereface); an
+            angle in radians for arcface; an additive cosine margin for cosface; the
+            SO-Softmax margin; the additive logit margin of soft_margin (the EM-Softmax head).
         m1, m2, m3: combined margin ``s (cos(m1 theta + m2) - m3)``.
         lam: psi blending ``(lam c + psi(c)) / (1 + lam)`` for lsoftmax and sphereface.
         lambda_p, lambda_n: SO-Softmax scales of the target and non-target terms.
@@ -113,9 +113,7 @@ class MarginSpec:
         kind = self.kind
         if kind in ("lsoftmax", "sphereface"):
             if float(self.m) != int(self.m) or not 1 <= self.m <= MAX_PSI_M:
-                raise ValueError(
-                    f"m must be an integer in 1..{MAX_PSI_M} for {kind}, got {self.m}"
-                )
+                raise ValueError(f"m must be an integer in 1..{MAX_PSI_M} for {kind}, got {self.m}")
             if self.lam < 0:
                 raise ValueError(f"lam must be >= 0, got {self.lam}")
         elif kind == "arcface":

@@ -123,12 +123,12 @@ def test_integer_labels_of_other_widths_are_accepted():
 def test_invalid_hyperparameters_through_functions():
     x, w, y = _inputs()
     with pytest.raises(ValueError, match="m must be an integer"):
-        mk.lsoftmax_loss(x, w, y, m=7)
+        mk.lsoftmax_loss(x, w, y, m=17)
     with pytest.raises(ValueError, match="s must be > 0"):
         mk.arcface_loss(x, w, y, s=0)
     with pytest.raises(ValueError, match=r"weights must be a \(K, C, D\)"):
         mk.em_softmax_loss(x, w, y)
-    with pytest.raises(ValueError, match="hsic_weight must be >= 0"):
+    with pytest.raises(ValueError, match="hsic_weight must be finite and >= 0"):
         mk.em_softmax_loss(x, w[None], y, hsic_weight=-1.0)
     with pytest.raises(ValueError, match="same classes"):
         mk.hsic(w, w[:3])
@@ -181,8 +181,8 @@ def test_module_matches_functional():
 
 def test_module_rejects_bad_hyperparameters_at_construction():
     with pytest.raises(ValueError, match="m must be an integer"):
-        mk.nn.SphereFaceLoss(4, 3, m=6)
-    with pytest.raises(ValueError, match="in_features and num_classes"):
+        mk.nn.SphereFaceLoss(4, 3, m=17)
+    with pytest.raises(ValueError, match="in_features must be an int > 0"):
         mk.nn.CosFaceLoss(0, 3)
     with pytest.raises(ValueError, match="num_heads"):
         mk.nn.EMSoftmaxLoss(4, 3, num_heads=0)
