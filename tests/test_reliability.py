@@ -436,22 +436,7 @@ def test_nan_in_a_feature_row_poisons_that_row_only(backend, name, poison):
     assert torch.isnan(mk.margin_cross_entropy(x, w, y, SPECS[name], backend="torch"))
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param(
-            b,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the CUDA backend's epilogue of this revision drops a NaN non-target "
-                "logit; the CONTRACTS NaN policy is implemented on the cuda branch",
-            ),
-        )
-        if b == "cuda"
-        else b
-        for b in sorted(PARTS)
-    ],
-)
+@pytest.mark.parametrize("backend", sorted(PARTS))
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_nan_in_a_weight_row_poisons_every_row(backend, name):
     x, w, y = _data()
