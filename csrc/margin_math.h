@@ -3,7 +3,7 @@
 // Everything here is __host__ __device__ (MK_HD), so the same lines compile with nvcc for the
 // kernels and with the host compiler for the CPU ops that CI tests against the torch reference.
 // The kind ids and the order of the params vector mirror MarginSpec.kernel_args() in
-// margin_kernels/spec.py; the formulas mirror margin_kernels/reference.py (DESIGN.md section 2).
+// margin_kernels/spec.py; the formulas mirror margin_kernels/reference.py (docs/design.md section 2).
 #pragma once
 
 #include <cmath>

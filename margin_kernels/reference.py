@@ -136,7 +136,7 @@ class _ArcMargin(torch.autograd.Function):
 def target_transform(
     c: torch.Tensor, x_norm: torch.Tensor, w_norm: torch.Tensor, spec: MarginSpec
 ) -> torch.Tensor:
-    """Target logit T(c, ||x||, ||W_y||) of DESIGN.md section 2 (element-wise)."""
+    """Target logit T(c, ||x||, ||W_y||) of docs/design.md section 2 (element-wise)."""
     kind = spec.kind
     if kind in ("lsoftmax", "sphereface"):
         blended = (spec.lam * c + psi(c, int(spec.m))) / (1 + spec.lam)

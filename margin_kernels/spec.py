@@ -54,7 +54,7 @@ def _check_finite(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class MarginSpec:
-    """What a margin loss computes; see DESIGN.md section 2 and the README for each formula.
+    """What a margin loss computes; see docs/design.md section 2 and the README for each formula.
 
     Build one with the class methods (``MarginSpec.arcface(s=64.0, m=0.5)``), which carry the
     papers' defaults; the plain constructor validates the same way.

@@ -11,7 +11,7 @@ import margin_kernels as mk
 from margin_kernels import reference
 from margin_kernels.spec import MarginSpec
 
-# DESIGN.md section 2: theta in degrees -> psi_m(theta).
+# docs/design.md section 2: theta in degrees -> psi_m(theta).
 PSI_VALUES = {
     2: {0: 1.0, 45: 0.0, 90: -1.0, 135: -2.0, 180: -3.0},
     3: {60: -1.0, 90: -2.0, 180: -5.0},
