@@ -80,6 +80,11 @@ COLUMNS = (
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Measurement:
+    """What one measurement found: ``status`` "ok", "OOM" or "ERROR"; median, p20 and p80 step
+    times in ms and the timer's name; peak memory above the inputs in MiB (NaN on CPU); the loss
+    of the first input set (NaN for the GEMMs); S and the number of input sets; notes for the
+    row (provider settings, error message). Figures not measured stay NaN."""
+
     status: str = "ok"
     time_ms: float = math.nan
     time_p20_ms: float = math.nan
@@ -299,6 +304,54 @@ def _fmt(value: object) -> object:
     return value
 
 
+def gemm_tflop(case: Case, sampled_classes: int) -> float:
+    """Useful GEMM work in TFLOP: 2 B S D for the forward logits, 3x that with the backward
+    (dX and dW are GEMMs of the same size); recomputation inside a provider is not counted."""
+    shape = case.shape
+    flop = 2.0 * shape.batch * sampled_classes * shape.dim
+    return (3.0 if case.backward else 1.0) * flop / 1e12
+
+
+def measurement_row(
+    env: dict[str, str],
+    provider: str,
+    loss: str,
+    case: Case,
+    result: Measurement,
+    gemm_ms: float,
+) -> dict[str, object]:
+    """The CSV row of one measurement: ``env`` (from ``environment``), the case, the timings, and
+    the derived work figures; ``gemm_ms`` is the bare GEMMs' time at the same shape (NaN when
+    not measured), ``loss`` the row's loss label ("gemm" for the yardstick)."""
+    shape = case.shape
+    work_tflop = gemm_tflop(case, result.sampled_classes or shape.classes)
+    seconds = result.time_ms * 1e-3
+    return {
+        **env,
+        "provider": provider,
+        "loss": loss,
+        "dtype": shape.dtype,
+        "mode": shape.mode,
+        "batch": shape.batch,
+        "classes": shape.classes,
+        "dim": shape.dim,
+        "sample_rate": shape.sample_rate,
+        "sampled_classes": result.sampled_classes,
+        "input_sets": result.input_sets,
+        "status": result.status,
+        "time_ms": result.time_ms,
+        "time_p20_ms": result.time_p20_ms,
+        "time_p80_ms": result.time_p80_ms,
+        "timer": result.timer,
+        "peak_extra_mb": result.peak_extra_mb,
+        "gemm_tflop": work_tflop,
+        "tflops": work_tflop / seconds if seconds > 0 else math.nan,
+        "vs_gemm": result.time_ms / gemm_ms,
+        "loss_value": result.loss_value,
+        "notes": "; ".join(result.notes),
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # predictions of bench/model.py beside the measurements
 # --------------------------------------------------------------------------------------------
@@ -354,54 +407,6 @@ def prediction_note(predicted: dict, measured_ms: float) -> str:
         f"predicted {predicted['predicted_ms']:.4g} ms by bench/model.py "
         f"({predicted['machine']}), measured/predicted {ratio:.2f}"
     )
-
-
-def gemm_tflop(case: Case, sampled_classes: int) -> float:
-    """Useful GEMM work in TFLOP: 2 B S D for the forward logits, 3x that with the backward
-    (dX and dW are GEMMs of the same size); recomputation inside a provider is not counted."""
-    shape = case.shape
-    flop = 2.0 * shape.batch * sampled_classes * shape.dim
-    return (3.0 if case.backward else 1.0) * flop / 1e12
-
-
-def measurement_row(
-    env: dict[str, str],
-    provider: str,
-    loss: str,
-    case: Case,
-    result: Measurement,
-    gemm_ms: float,
-) -> dict[str, object]:
-    """The CSV row of one measurement: ``env`` (from ``environment``), the case, the timings, and
-    the derived work figures; ``gemm_ms`` is the bare GEMMs' time at the same shape (NaN when
-    not measured), ``loss`` the row's loss label ("gemm" for the yardstick)."""
-    shape = case.shape
-    work_tflop = gemm_tflop(case, result.sampled_classes or shape.classes)
-    seconds = result.time_ms * 1e-3
-    return {
-        **env,
-        "provider": provider,
-        "loss": loss,
-        "dtype": shape.dtype,
-        "mode": shape.mode,
-        "batch": shape.batch,
-        "classes": shape.classes,
-        "dim": shape.dim,
-        "sample_rate": shape.sample_rate,
-        "sampled_classes": result.sampled_classes,
-        "input_sets": result.input_sets,
-        "status": result.status,
-        "time_ms": result.time_ms,
-        "time_p20_ms": result.time_p20_ms,
-        "time_p80_ms": result.time_p80_ms,
-        "timer": result.timer,
-        "peak_extra_mb": result.peak_extra_mb,
-        "gemm_tflop": work_tflop,
-        "tflops": work_tflop / seconds if seconds > 0 else math.nan,
-        "vs_gemm": result.time_ms / gemm_ms,
-        "loss_value": result.loss_value,
-        "notes": "; ".join(result.notes),
-    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ if BENCH_DIR not in sys.path:
     sys.path.insert(0, BENCH_DIR)
 
 from harness import (  # noqa: E402
+    REPO_ROOT,
     CsvSink,
     environment,
     measure,
@@ -59,7 +60,6 @@ try:
 except ImportError:  # the sweep runs without a progress bar
     HAS_TQDM = False
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SMOKE_OUT_DIR = REPO_ROOT / "out" / "bench"
 
@@ -130,14 +130,13 @@ def sweep(config: dict, providers: dict[str, Provider], device: torch.device, ar
     """Measure every planned pair and append the rows; returns the CSV path."""
     env = environment(device)
     out_dir = Path(args.out) if args.out else (SMOKE_OUT_DIR if args.smoke else RESULTS_DIR)
-    sink = CsvSink(out_dir / f"{slug(env['device'])}.csv")
     say = tqdm.write if HAS_TQDM else print
     work = plan(config, providers, device, say)
     gemm_ms: dict[Shape, float] = {}
     # In a log (no terminal) one progress line every 30 s instead of one per run.
     interval = 0.1 if sys.stderr.isatty() else 30.0
     bar = tqdm(work, desc="bench", unit="run", mininterval=interval) if HAS_TQDM else work
-    try:
+    with CsvSink(out_dir / f"{slug(env['device'])}.csv") as sink:
         for provider, case in bar:
             is_gemm = provider.name == GEMM_PROVIDER
             label = "gemm" if is_gemm else case.loss
@@ -160,8 +159,6 @@ def sweep(config: dict, providers: dict[str, Provider], device: torch.device, ar
             sink.write(measurement_row(env, provider.name, label, case, result, gemm_time))
             if result.status != "ok":
                 say(f"{result.status}: {provider.name} {label} {_shape_label(case.shape)}")
-    finally:
-        sink.close()
     return sink.path
 
 
