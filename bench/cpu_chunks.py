@@ -3,28 +3,26 @@ torch reference and plain linear + cross-entropy, forward + backward, at one sha
 
     PYTHONPATH=. python bench/cpu_chunks.py [--batch 256 --dim 512 --classes 100000 --reps 3]
 
-Time: median wall time of ``--reps`` runs after one warm-up (time.perf_counter). Peak memory: a
-separate run under a dispatch-mode tracker that counts every storage an operator allocates until
-Python frees it, minus the gradients and outputs (bench/run.py records no memory on CPU).
-Appends one row per provider to bench/results/cpu_chunks.csv.
+Time: median wall time of ``--reps`` runs after one warm-up (harness.perf_counter_ms). Peak
+memory: a separate run under harness.LiveBytes, a dispatch-mode tracker that counts every storage
+an operator allocates until Python frees it, minus the gradients and outputs (bench/run.py
+records no memory on CPU). Appends one row per provider to bench/results/cpu_chunks.csv.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
+import functools
 import os
 import platform
 import statistics
 import sys
-import time
-import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from harness import CsvSink, LiveBytes, perf_counter_ms
 
 import margin_kernels as mk
 from margin_kernels.ops import cuda as cuda_backend
@@ -33,39 +31,6 @@ FIELDS = [
     "date", "machine", "threads", "torch", "loss", "dtype", "B", "D", "C", "provider",
     "median_s", "runs_s", "peak_extra_mb", "chunk_classes", "chunks",
 ]  # fmt: skip
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of storages allocated by operators while the mode is on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._sizes: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            a.untyped_storage().data_ptr()
-            for a in tree_flatten((args, kwargs))[0]
-            if isinstance(a, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if storage.nbytes() == 0 or key in self._sizes or key in inputs:
-                continue
-            self._sizes[key] = storage.nbytes()
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key)
 
 
 def providers(spec: mk.MarginSpec):
@@ -101,19 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randint(0, c, (b,), generator=g)
     spec = mk.MarginSpec.arcface()
     plan = cuda_backend.chunk_plan(b, c, d, torch.float32, spec.kind, device_type="cpu")
-    path = os.path.join(args.out, "cpu_chunks.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
+    with CsvSink(Path(args.out) / "cpu_chunks.csv", FIELDS) as sink:
         for name, fn in providers(spec).items():
-            step(fn, x, w, y)
-            runs = []
-            for _ in range(args.reps):
-                start = time.perf_counter()
-                step(fn, x, w, y)
-                runs.append(time.perf_counter() - start)
+            timed = functools.partial(step, fn, x, w, y)
+            runs = [ms / 1e3 for ms in perf_counter_ms(timed, warmup=1, reps=args.reps)]
             with LiveBytes() as tracker:
                 gx, gw = step(fn, x, w, y)
             peak = (tracker.peak - gx.nbytes - gw.nbytes) / 2**20
@@ -134,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                 "chunk_classes": plan.classes_per_chunk if name == "cuda" else "",
                 "chunks": plan.num_chunks if name == "cuda" else "",
             }
-            writer.writerow(row)
+            sink.write(row)
             print(row)
-    print(f"appended to {path}")
+    print(f"appended to {sink.path}")
     return 0
 
 

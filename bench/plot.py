@@ -7,7 +7,8 @@
 Figures: one PNG per (device, B, D, Partial-FC rate) and metric (time, memory), log-log against
 C, one panel per loss x dtype x mode, one line per provider, the bare GEMMs dashed. Tables: one
 per (device, B, D, dtype, mode, rate), rows (loss, C), one column per provider. When a CSV holds
-the same measurement twice (a re-run appended), the later row wins. Needs only matplotlib.
+the same measurement twice (a re-run appended), the later row wins. Needs matplotlib, and
+torch and margin_kernels for the harness's names (provider order, file-name slugs).
 """
 
 from __future__ import annotations
@@ -15,27 +16,21 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-GEMM_PROVIDER = "gemm"
-# Fixed order (and so fixed colours) of the providers run.py knows; unknown ones go last.
+from harness import slug, split_values
+from providers import GEMM_PROVIDER, LOSSES, MODES, all_providers
+
+# Fixed order (and so fixed colours) of the providers the harness knows, the bare GEMMs last;
+# unknown ones go after them.
 PROVIDER_ORDER = (
-    "triton",
-    "cuda",
-    "torch",
-    "torch-compile",
-    "pml",
-    "cce",
-    "cce-filter",
-    "liger",
-    "torch-lce",
+    *(name for name in all_providers("inductor") if name != GEMM_PROVIDER),
     GEMM_PROVIDER,
 )
-LOSS_ORDER = ("arcface", "cosface", "sphereface", "ce")
-MODE_ORDER = ("fwd", "fwd+bwd")
+LOSS_ORDER = tuple(LOSSES)
+MODE_ORDER = MODES
 METRICS = {
     # name: (column, axis label, table caption)
     "time": ("time_ms", "median time (ms)", "median ms (time / bare GEMMs)"),
@@ -78,10 +73,6 @@ def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
 
 def _rate_label(rate: str) -> str:
     return "all classes" if number(rate) >= 1 else f"Partial FC r={number(rate):g}"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
 def select(rows: list[dict[str, str]], args: argparse.Namespace) -> list[dict[str, str]]:
@@ -189,7 +180,7 @@ def plot(rows: list[dict[str, str]], out_dir: Path) -> list[Path]:
                 left=0.08, right=0.98, bottom=0.12, top=0.9, hspace=0.45, wspace=0.3
             )
             rate_tag = f"r{number(rate):g}".replace(".", "p")
-            path = out_dir / f"{metric}_{_slug(device)}_B{batch}_D{dim}_{rate_tag}.png"
+            path = out_dir / f"{metric}_{slug(device)}_B{batch}_D{dim}_{rate_tag}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
@@ -300,12 +291,6 @@ def markdown_tables(rows: list[dict[str, str]], metric: str = "time") -> str:
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
-def _split(values: Sequence[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [v for value in values for v in value.split(",") if v]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -325,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample-rates", **multi)
     args = parser.parse_args(argv)
     for name in ("batch", "dtypes", "modes", "losses", "providers", "sample_rates"):
-        setattr(args, name, _split(getattr(args, name)))
+        setattr(args, name, split_values(getattr(args, name)))
     if args.sample_rates:
         args.sample_rates = [float(r) for r in args.sample_rates]
 

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -20,48 +21,16 @@ from margin_kernels.ops.cuda import HAS_CUDA_EXT
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
-# The CSV contract documented in bench/README.md.
-EXPECTED_COLUMNS = [
-    "date",
-    "device",
-    "torch",
-    "triton",
-    "cuda",
-    "margin_kernels",
-    "git_rev",
-    "provider",
-    "loss",
-    "dtype",
-    "mode",
-    "batch",
-    "classes",
-    "dim",
-    "sample_rate",
-    "sampled_classes",
-    "input_sets",
-    "status",
-    "time_ms",
-    "time_p20_ms",
-    "time_p80_ms",
-    "timer",
-    "peak_extra_mb",
-    "gemm_tflop",
-    "tflops",
-    "vs_gemm",
-    "loss_value",
-    "notes",
-]
 SMOKE_LOSSES = ("arcface", "sphereface", "ce")
 SMOKE_CLASSES = (37, 100)
 
 
 def _load(name: str):
-    """Import bench/<name>.py (bench/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    """Import bench/<name>.py: bench/ is a folder of scripts that import each other by name, as
+    they do when one runs (its folder is then first on sys.path)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -79,12 +48,24 @@ def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 @pytest.fixture(scope="module")
 def run():
-    """bench/run.py imported in this process."""
+    """bench/run.py (the command line and the sweep) imported in this process."""
     return _load("run")
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def harness():
+    """bench/harness.py: timing, memory, the CSV and its columns."""
+    return _load("harness")
+
+
+@pytest.fixture(scope="module")
+def providers():
+    """bench/providers.py: the losses, cases, inputs and providers."""
+    return _load("providers")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, harness):
     """One `bench/run.py --smoke` into a temporary directory: (csv path, rows, stdout)."""
     out = tmp_path_factory.mktemp("bench")
     proc = _run("bench/run.py", "--smoke", "--out", str(out))
@@ -92,8 +73,20 @@ def smoke(tmp_path_factory):
     paths = list(out.glob("*.csv"))
     assert len(paths) == 1, paths
     header, rows = _read(paths[0])
-    assert header == EXPECTED_COLUMNS
+    assert header == list(harness.COLUMNS)
     return paths[0], rows, proc.stdout + proc.stderr
+
+
+def test_readme_documents_every_csv_column(harness):
+    # The table under "## CSV columns" in bench/README.md: one row per column or group of
+    # columns, their names in backticks in the first cell.
+    text = (BENCH / "README.md").read_text()
+    section = text.split("## CSV columns", 1)[1].split("\n## ", 1)[0]
+    documented = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            documented += re.findall(r"`([a-z0-9_]+)`", line.split("|")[1])
+    assert documented == list(harness.COLUMNS)
 
 
 def test_smoke_rows_cover_the_grid(smoke):
@@ -163,7 +156,11 @@ def test_smoke_providers_agree_on_the_loss(smoke):
 
 def test_smoke_skips_missing_providers_with_one_line(smoke):
     _, rows, output = smoke
-    assert "skipping cuda:" in output  # the CUDA backend never runs on CPU tensors
+    # backend="cuda" runs on CPU tensors through the extension's C++ kernels when it is built
+    if "cuda" in mk.available_backends("cpu", mk.MarginSpec.arcface()):
+        assert "skipping cuda:" not in output and "cuda" in {r["provider"] for r in rows}
+    else:
+        assert output.count("skipping cuda:") == 1
     for peer, module in (("pml", "pytorch_metric_learning"), ("liger", "liger_kernel")):
         if importlib.util.find_spec(module) is None:
             assert output.count(f"skipping {peer}:") == 1
@@ -195,7 +192,7 @@ def test_plot_and_table_from_smoke(smoke, tmp_path, capsys):
     assert "torch" in header and header.rstrip(" |").endswith("gemm")
 
 
-def test_torch_compile_provider_appends_to_existing_csv(smoke, run, tmp_path):
+def test_torch_compile_provider_appends_to_existing_csv(smoke, run, harness, tmp_path):
     path, _, _ = smoke
     target = tmp_path / path.name
     target.write_bytes(path.read_bytes())
@@ -204,7 +201,7 @@ def test_torch_compile_provider_appends_to_existing_csv(smoke, run, tmp_path):
     argv += ["--losses", "arcface", "--dtypes", "fp32", "--modes", "fwd+bwd"]
     assert run.main([*argv, "--classes", "37", "--sample-rates", "1"]) == 0
     header, rows = _read(target)
-    assert header == EXPECTED_COLUMNS and len(rows) == before + 2
+    assert header == list(harness.COLUMNS) and len(rows) == before + 2
     new = {r["provider"]: r for r in rows[before:]}
     assert new["torch-compile"]["status"] == "ok"
     assert new["torch-compile"]["notes"] == "compile backend=aot_eager"
@@ -230,42 +227,43 @@ def test_bad_command_line_raises_value_error(run, argv, match):
 
 
 # --- in-process pieces -------------------------------------------------------------------------
-def test_partial_fc_ids_keep_every_positive(run):
+def test_partial_fc_ids_keep_every_positive(providers):
     g = torch.Generator().manual_seed(3)
     target = torch.randint(0, 1000, (64,), generator=g)
-    ids = run.sample_class_ids(target, 1000, 0.1, g)
+    ids = providers.sample_class_ids(target, 1000, 0.1, g)
     assert ids.shape == (100,) and torch.equal(ids, ids.sort().values)
     assert torch.isin(target, ids).all() and ids.unique().numel() == 100
     few = torch.tensor([3, 30, 7, 3, 11])  # more distinct positives than r C = 4
-    assert torch.equal(run.sample_class_ids(few, 37, 0.1, g), few.unique())
-    assert run.sample_class_ids(target, 1000, 1.0, g) is None
+    assert torch.equal(providers.sample_class_ids(few, 37, 0.1, g), few.unique())
+    assert providers.sample_class_ids(target, 1000, 1.0, g) is None
 
 
-def test_failures_become_rows_not_crashes(run):
+def test_failures_become_rows_not_crashes(run, harness, providers):
     def raising(exc):
         def factory(case):
             raise exc
 
-        return run.Provider("fake", frozenset(run.LOSSES), lambda c, d: None, factory)
+        return providers.Provider("fake", frozenset(providers.LOSSES), lambda c, d: None, factory)
 
     args = run.parse_args(["--smoke"])
-    case = run.Case("arcface", run.Shape("fp32", "fwd", 4, 10, 8, 1.0))
-    oom = run.measure(
-        raising(torch.cuda.OutOfMemoryError("CUDA out of memory")), case, torch.device("cpu"), args
+    case = providers.Case("arcface", providers.Shape("fp32", "fwd", 4, 10, 8, 1.0))
+    cpu = torch.device("cpu")
+    oom = harness.measure(
+        raising(torch.cuda.OutOfMemoryError("CUDA out of memory")), case, cpu, args
     )
     assert oom.status == "OOM" and math.isnan(oom.time_ms)
-    err = run.measure(raising(KeyError("boom")), case, torch.device("cpu"), args)
+    err = harness.measure(raising(KeyError("boom")), case, cpu, args)
     assert err.status == "ERROR" and err.notes == ["KeyError: 'boom'"]
 
 
-def test_input_rotation_and_names(run):
+def test_input_rotation_and_names(run, harness, providers):
     args = run.parse_args([])
     args.rotate_mb, args.input_sets = 200.0, 0
-    big = run.Case("arcface", run.Shape("bf16", "fwd", 4096, 1_000_000, 512, 1.0))
-    small = run.Case("arcface", run.Shape("bf16", "fwd", 128, 10_000, 512, 1.0))
-    assert run.num_input_sets(big, torch.device("cpu"), args) == 1
-    assert run.num_input_sets(small, torch.device("cpu"), args) == args.max_input_sets
-    assert run.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    big = providers.Case("arcface", providers.Shape("bf16", "fwd", 4096, 1_000_000, 512, 1.0))
+    small = providers.Case("arcface", providers.Shape("bf16", "fwd", 128, 10_000, 512, 1.0))
+    assert harness.num_input_sets(big, torch.device("cpu"), args) == 1
+    assert harness.num_input_sets(small, torch.device("cpu"), args) == args.max_input_sets
+    assert harness.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     config = run.sweep_config(
         run.parse_args(["--classes", "1e6,2_000_000", "--dtypes", "bfloat16"])
     )
@@ -316,14 +314,14 @@ def test_wheel_check_tells_pure_from_compiled(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_sweep_times_with_do_bench_and_measures_memory(run, tmp_path):
+def test_gpu_sweep_times_with_do_bench_and_measures_memory(run, harness, tmp_path):
     argv = ["--device", "cuda", "--out", str(tmp_path), "--providers", "torch,gemm,triton,cuda"]
     argv += ["--losses", "arcface", "--dtypes", "bf16", "--modes", "fwd+bwd", "--batch", "128"]
     argv += ["--classes", "10000", "--dim", "64", "--warmup-ms", "5", "--rep-ms", "20"]
     assert run.main(argv) == 0
     (path,) = tmp_path.glob("*.csv")
     header, rows = _read(path)
-    assert header == EXPECTED_COLUMNS
+    assert header == list(harness.COLUMNS)
     by_provider = {(r["provider"], r["sample_rate"]): r for r in rows}
     for rate in ("1", "0.1"):
         # our backends must run on the GPU: a missing, ERROR or OOM row fails the test (cuda
