@@ -98,7 +98,18 @@ if HAS_TRITON:
             # P = dL/df = g_i softmax_j(f) over the live columns, from the final LSE
             p = tl.where(live, glse[:, None] * tl.exp(f - lse[:, None]), 0.0)
             dd, de, _g_nx, _g_cy, _g_ny, g_nw = _logit_grads(
-                p, d, e, tl.where(live, f, 0.0), nx2, nw2, cy[:, None], ny[:, None], s, lambda_n, alpha, NT
+                p,
+                d,
+                e,
+                tl.where(live, f, 0.0),
+                nx2,
+                nw2,
+                cy[:, None],
+                ny[:, None],
+                s,
+                lambda_n,
+                alpha,
+                NT,
             )
             dd = tl.where(live, dd, 0.0)
             acc += _weighted_rows(tl.trans(dd), x_out, op_dtype, ACC, UPCAST, SCALE_OPS,

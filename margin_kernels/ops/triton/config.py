@@ -222,13 +222,36 @@ def plan(
     ]  # fmt: skip
     if needs_dw and cols:
         out.append(
-            Launch("backward", "_dw_kernel", "dw", (col_tiles * slices,), tile.block_m,
-                   tile.block_n, k_inner, tile.num_warps, tile.num_stages, row_blocks, 1,
-                   "axis 0: D slices fastest, then class tiles; each program walks every row "
-                   "tile in order (x from L2), W tile on chip when one K step")  # fmt: skip
+            Launch(
+                "backward",
+                "_dw_kernel",
+                "dw",
+                (col_tiles * slices,),
+                tile.block_m,
+                tile.block_n,
+                k_inner,
+                tile.num_warps,
+                tile.num_stages,
+                row_blocks,
+                1,
+                "axis 0: D slices fastest, then class tiles; each program walks every row "
+                "tile in order (x from L2), W tile on chip when one K step",
+            )
         )
     out.append(
-        Launch("backward", "torch", "rowwise", (), 0, 0, 0, 0, 0, 0, 0,
-               "dX = g * numerator + norm and target terms; target rows of dW (O(B D))")  # fmt: skip
+        Launch(
+            "backward",
+            "torch",
+            "rowwise",
+            (),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            "dX = g numerator + norm and target terms; target rows of dW (O(B D))",
+        )
     )
     return out

@@ -262,7 +262,18 @@ if HAS_TRITON:
             if NEEDS_NUM:
                 # f on the masked columns is -inf (p = 0 there): pass 0 so that no 0 * inf
                 dd, de, g_nx, g_cy, g_ny, _g_nw = _logit_grads(
-                    p, d, e, tl.where(live, f, 0.0), nx2, nw2, cy[:, None], ny[:, None], s, lambda_n, alpha, NT
+                    p,
+                    d,
+                    e,
+                    tl.where(live, f, 0.0),
+                    nx2,
+                    nw2,
+                    cy[:, None],
+                    ny[:, None],
+                    s,
+                    lambda_n,
+                    alpha,
+                    NT,
                 )
                 dd = tl.where(live, dd, 0.0)
                 if ONE_K:

@@ -26,8 +26,8 @@ import torch
 from ...spec import KIND_IDS, MarginSpec
 from . import config
 from ._compat import HAS_TRITON, INTERPRET, triton
-from .config import NONTARGET_FAMILY, NT_RAW, NT_W
-from .margin_math import NUM_PARAMS, kernel_params
+from .config import NONTARGET_FAMILY, NT_W
+from .margin_math import kernel_params
 
 if HAS_TRITON:
     import triton.language as tl
@@ -371,5 +371,3 @@ def lse_parts(
         x, weight, target.long(), class_ids, kind_id, list(params), bool(needs_num)
     )
     return neg_lse, t
-
-
