@@ -179,7 +179,7 @@ if HAS_TRITON:
         """A power of two that brings ``big`` (>= 0) into [1, 2): fp16 second-GEMM operands
         scaled by it neither flush to zero nor lose bits as subnormals; dividing the product by
         it again is exact. 1 where big is 0 or not finite (NaN stays NaN)."""
-        expo = tl.maximum(tl.floor(tl.log2(big)), -100.0)
+        expo = tl.maximum(tl.floor(tl.log2(tl.maximum(big, 1e-30))), -100.0)
         return tl.where((big > 0) & (big < float("inf")), tl.exp2(-expo), 1.0)
 
     @triton.jit
