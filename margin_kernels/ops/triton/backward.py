@@ -7,7 +7,7 @@ from ._compat import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
     from .forward import _logits_k_loop
-    from .margin_math import _logit_grads, _nontarget_logits, _weighted_rows
+    from .margin_math import _accumulate_rows, _logit_grads, _nontarget_logits
 
     @triton.jit
     def _dw_kernel(
@@ -26,9 +26,8 @@ if HAS_TRITON:
             dW_j += sum_i (P df/dd)_ij x_i  [+ sum_i (P df/de)_ij W_y(i)]       (GEMM)
             dW_j += (sum_i (P df/dnw)_ij / nw_j) W_j                           (epilogue)
 
-        then writes dW once in W's dtype (contiguous rows). With Partial-FC ids the rows are
-        added onto a zeroed dW (each sampled row is added once; a repeated id adds twice, as
-        it counts twice in the denominator). No atomics otherwise: deterministic."""
+        then writes dW once in W's dtype (contiguous rows; with Partial-FC ids, the sampled
+        rows of a zeroed dW). No atomics: deterministic."""
         pid = tl.program_id(0)
         dslice = pid % slices
         col_tile = pid // slices
@@ -54,6 +53,7 @@ if HAS_TRITON:
                 w_t = w_t.to(tl.float32)
         acc = tl.zeros((BLOCK_N, BLOCK_OUT), dtype=ACC)
         acc_nw = tl.zeros((BLOCK_N,), dtype=ACC)
+        one = tl.full((BLOCK_N,), 1.0, ACC)  # no rescaling: the final LSE is known
         for r0 in range(0, B, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
             rows64 = rows.to(tl.int64)
@@ -112,14 +112,16 @@ if HAS_TRITON:
                 NT,
             )
             dd = tl.where(live, dd, 0.0)
-            acc += _weighted_rows(tl.trans(dd), x_out, op_dtype, ACC, UPCAST, SCALE_OPS,
-                                  PRECISION)  # fmt: skip
+            acc = _accumulate_rows(
+                acc, one, tl.trans(dd), x_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
+            )
             if NT != 0:
                 acc_nw += tl.sum(tl.where(live, g_nw, 0.0), axis=0)
             if NT == 4:
                 de = tl.where(live, de, 0.0)
-                acc += _weighted_rows(tl.trans(de), y_out, op_dtype, ACC, UPCAST, SCALE_OPS,
-                                      PRECISION)  # fmt: skip
+                acc = _accumulate_rows(
+                    acc, one, tl.trans(de), y_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
+                )
         if NT != 0:
             # column-norm chain term: dW_j += (dL/dnw_j / nw_j) W_j
             if ONE_K:
@@ -128,9 +130,6 @@ if HAS_TRITON:
                 w_e = tl.load(W + cls[:, None] * stride_wc + kk_out[None, :] * stride_wd,
                               mask=col_mask[:, None] & out_kmask[None, :], other=0.0)  # fmt: skip
             acc += (acc_nw / nw)[:, None] * w_e.to(ACC)
-        dst = DW + cls[:, None] * D + kk_out[None, :]
-        out_mask = col_mask[:, None] & out_kmask[None, :]
-        if HAS_IDS:
-            tl.atomic_add(dst, acc.to(DW.dtype.element_ty), mask=out_mask, sem="relaxed")
-        else:
-            tl.store(dst, acc.to(DW.dtype.element_ty), mask=out_mask)
+        # one owner per row of dW (Partial-FC ids are distinct): a plain store
+        tl.store(DW + cls[:, None] * D + kk_out[None, :], acc.to(DW.dtype.element_ty),
+                 mask=col_mask[:, None] & out_kmask[None, :])  # fmt: skip

@@ -105,14 +105,22 @@ def full_d_limit(dtype: torch.dtype, family: int, interpret: bool | None = None)
     if interpreting() if interpret is None else interpret:
         return 32
     if dtype in (torch.float16, torch.bfloat16):
-        return 256 if family == NT_W else 512
+        # W-Softmax carries W_y and two accumulators: always D slices of 128 on sm_90
+        return 0 if family == NT_W else 512
     if dtype == torch.float32:
         return 64
     return 32
 
 
-def gemm_tile(dtype: torch.dtype, family: int, dim: int, interpret: bool | None = None) -> Tile:
-    """Tile of ``_fwd_kernel`` and ``_dw_kernel`` (the same shape serves both: rows x classes).
+def gemm_tile(
+    dtype: torch.dtype,
+    family: int,
+    dim: int,
+    interpret: bool | None = None,
+    aligned: bool = True,
+    kernel: str = "forward",
+) -> Tile:
+    """Tile of ``_fwd_kernel`` (``kernel="forward"``) or ``_dw_kernel`` (``"dw"``): rows x classes.
 
     16-bit inputs run on tensor cores with fp32 accumulators: 64 x 64 tiles at 8 warps; with all
     of D on chip (D <= 512, W-Softmax D <= 256: it carries a second accumulator) the
@@ -123,14 +131,32 @@ def gemm_tile(dtype: torch.dtype, family: int, dim: int, interpret: bool | None 
     interp = interpreting() if interpret is None else interpret
     limit = full_d_limit(dtype, family, interp)
     padded = _pow2(dim)
+    if not aligned and not interp:
+        # strided or D % 16 != 0 (see ``is_aligned``): per-element addresses and masks cost
+        # registers, so D slices of a narrow accumulator (logits recomputed per slice)
+        if dtype in (torch.float16, torch.bfloat16):
+            return Tile(64, 32, 32, 64, 8, 2)
+        if dtype == torch.float32:
+            return Tile(32, 32, 16, 32, 4, 2)
+        return Tile(16, 32, 16, 16, 4, 1)
     if interp:
         if padded <= limit:
             return Tile(16, 16, padded, padded, 1, 1)
         return Tile(16, 16, 16, 32, 1, 1)
     if dtype in (torch.float16, torch.bfloat16):
+        if family == NT_W:  # two accumulators (dX and dW_y numerators)
+            if padded <= limit:
+                return Tile(64, 32, padded, padded, 8, 2)
+            return Tile(64, 32, 64, 128, 8, 2)
         if padded <= limit:
+            if padded >= 512:
+                # the (64, 512) fp32 accumulator takes 128 of the 255 registers: a narrower
+                # class tile and no second pipeline stage keep the rest spill-free (fp16's
+                # dW also scales its operands: 32 rows per step)
+                rows = 32 if kernel == "dw" and dtype == torch.float16 else 64
+                return Tile(rows, 32, padded, padded, 8, 1)
             return Tile(64, 64, padded, padded, 8, 2)
-        return Tile(64, 64, 64, 256 if family != NT_W else 128, 8, 2)
+        return Tile(64, 64, 64, 256, 8, 2)
     if dtype == torch.float32:
         if padded <= limit:
             return Tile(32, 32, padded, padded, 4, 2)
@@ -138,6 +164,14 @@ def gemm_tile(dtype: torch.dtype, family: int, dim: int, interpret: bool | None 
     if padded <= limit:
         return Tile(16, 32, padded, padded, 4, 1)
     return Tile(16, 32, 16, 64, 4, 1)
+
+
+def is_aligned(dim: int, *tensors: torch.Tensor) -> bool:
+    """What Triton's JIT specialises a launch to and the large tiles need: D % 16 == 0, unit
+    inner strides, row strides and base addresses multiples of 16 (elements / bytes)."""
+    return dim % 16 == 0 and all(
+        t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors
+    )
 
 
 def row_tile(dtype: torch.dtype, interpret: bool | None = None) -> RowTile:
@@ -221,6 +255,11 @@ def plan(
                "log-sum-exp and dX numerator of the splits, summed in split order"),
     ]  # fmt: skip
     if needs_dw and cols:
+        tile = gemm_tile(dtype, family, dim, interpret=False, kernel="dw")
+        slices = tile.slices(dim)
+        row_blocks = max(1, math.ceil(batch / tile.block_m))
+        col_tiles = max(1, math.ceil(cols / tile.block_n))
+        k_inner = dim if tile.one_k(dim) else tile.block_k
         out.append(
             Launch(
                 "backward",

@@ -11,11 +11,11 @@ from ._compat import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
     from .margin_math import (
+        _accumulate_rows,
         _arc_margin,
         _logit_grads,
         _nontarget_logits,
         _psi_blend,
-        _weighted_rows,
     )
 
     @triton.jit
@@ -283,15 +283,15 @@ if HAS_TRITON:
                                     mask=col_mask[:, None] & out_kmask[None, :],
                                     other=0.0)  # fmt: skip
                 # dX numerator: sum_j P_ij (df/dd)_ij W_j, flash-attention rescaled
-                acc = acc * rescale[:, None] + _weighted_rows(
-                    dd, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
+                acc = _accumulate_rows(
+                    acc, rescale, dd, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
                 )
                 if NT != 0:
                     r_nx = r_nx * rescale + tl.sum(tl.where(live, g_nx, 0.0), axis=1)
                 if NT == 4:
                     de = tl.where(live, de, 0.0)
-                    acc_y = acc_y * rescale[:, None] + _weighted_rows(
-                        de, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
+                    acc_y = _accumulate_rows(
+                        acc_y, rescale, de, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
                     )
                     r_cy = r_cy * rescale + tl.sum(tl.where(live, g_cy, 0.0), axis=1)
                     r_ny = r_ny * rescale + tl.sum(tl.where(live, g_ny, 0.0), axis=1)

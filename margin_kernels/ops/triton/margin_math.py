@@ -177,22 +177,30 @@ if HAS_TRITON:
     @triton.jit
     def _pow2_scale(big):
         """A power of two that brings ``big`` (>= 0) into [1, 2): fp16 second-GEMM operands
-        scaled by it neither flush to zero nor lose bits as subnormals; dividing the product by
-        it again is exact. 1 where big is 0 or not finite (NaN stays NaN)."""
-        expo = tl.maximum(tl.floor(tl.log2(tl.maximum(big, 1e-30))), -100.0)
+        scaled by it neither flush to zero nor lose bits as subnormals; undoing it is exact.
+        1 where big is 0 or not finite (NaN stays NaN); at most 2^60, so that an accumulator
+        scaled by it stays finite."""
+        expo = tl.maximum(tl.floor(tl.log2(tl.maximum(big, 1e-30))), -60.0)
         return tl.where((big > 0) & (big < float("inf")), tl.exp2(-expo), 1.0)
 
     @triton.jit
-    def _weighted_rows(h, v, OP_DTYPE: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
-                       SCALE_OPS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-        """h @ v, (M, N) x (N, K) -> (M, K) in ACC, with h (ACC) cast to the operand dtype; with
-        SCALE_OPS each row of h is scaled by a power of two first and the product unscaled."""
+    def _accumulate_rows(acc, rescale, h, v, OP_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                         UPCAST: tl.constexpr, SCALE_OPS: tl.constexpr,
+                         PRECISION: tl.constexpr):  # fmt: skip
+        """acc * rescale[:, None] + h @ v, (M, N) x (N, K) -> (M, K) in ACC, with h cast to
+        the operand dtype. The product accumulates into acc in place (no second (M, K) tile
+        of registers). With SCALE_OPS each row of h is scaled by a power of two first: the
+        accumulator is scaled along and unscaled after, exactly."""
         if UPCAST:
-            out = tl.dot(h, v.to(tl.float32), input_precision=PRECISION, out_dtype=ACC)
+            out = tl.dot(h, v.to(tl.float32), acc * rescale[:, None], input_precision=PRECISION,
+                         out_dtype=ACC)  # fmt: skip
         elif SCALE_OPS:
             scale = _pow2_scale(tl.max(tl.abs(h), axis=1))
             op = (h * scale[:, None]).to(OP_DTYPE)
-            out = tl.dot(op, v, input_precision=PRECISION, out_dtype=ACC) / scale[:, None]
+            out = tl.dot(op, v, acc * (rescale * scale)[:, None], input_precision=PRECISION,
+                         out_dtype=ACC)  # fmt: skip
+            out = out * (1.0 / scale)[:, None]
         else:
-            out = tl.dot(h.to(OP_DTYPE), v, input_precision=PRECISION, out_dtype=ACC)
+            out = tl.dot(h.to(OP_DTYPE), v, acc * rescale[:, None], input_precision=PRECISION,
+                         out_dtype=ACC)  # fmt: skip
         return out

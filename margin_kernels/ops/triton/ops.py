@@ -155,7 +155,7 @@ def _forward(x, weight, target, class_ids, kind_id, params, needs_num):
         ACC=_tl_acc(x.dtype), BLOCK_B=rt.block_r, BLOCK_D=rt.block_k,
         num_warps=rt.num_warps, maxnreg=config.MAX_REGISTERS,
     )  # fmt: skip
-    tile = config.gemm_tile(x.dtype, family, dim)
+    tile = config.gemm_tile(x.dtype, family, dim, aligned=config.is_aligned(dim, x, weight))
     slices = tile.slices(dim) if needs_num else 1
     row_blocks = triton.cdiv(batch, tile.block_m)
     splits = config.forward_splits(batch, n_cols, tile, slices, _num_sms(x.device))
@@ -205,7 +205,8 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
         dw = torch.zeros(num_classes, dim, device=weight.device, dtype=weight.dtype)
     if needs_dw and n_cols and batch:
         pvec = torch.tensor(kernel_params(params, _psi_m(kind, params)), dtype=acc_t)
-        tile = config.gemm_tile(x.dtype, family, dim)
+        aligned = config.is_aligned(dim, x, weight)
+        tile = config.gemm_tile(x.dtype, family, dim, aligned=aligned, kernel="dw")
         slices = tile.slices(dim)
         _dw_kernel[(triton.cdiv(n_cols, tile.block_n) * slices,)](
             X=x, W=weight, Y=y, IDS=ids if ids is not None else y, NX=nx, NW=nw, CY=cy, NY=ny,
