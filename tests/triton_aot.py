@@ -221,14 +221,31 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", help="regular expression over the build's description")
+    parser.add_argument("--from-json", help="print the tables of a saved --json report")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as fh:
+            return _print_tables(json.load(fh))
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
     rows = report(args.jobs, args.only)
     if args.json:
         print(json.dumps(rows))
         return 0
+    return _print_tables(rows)
+
+
+def _print_tables(rows: list[dict]) -> int:
     print(f"Triton {triton.__version__}, sm_{ARCH}, {len(rows)} configurations\n")
+    print("| kernel | dtype | builds | registers (min-max) | spilling builds | max shared memory |")
+    print("|---|---|---:|---|---:|---:|")
+    for kernel, dtype in sorted({(r["kernel"], r["dtype"]) for r in rows}):
+        group = [r for r in rows if r["kernel"] == kernel and r["dtype"] == dtype]
+        regs = [r["regs"] for r in group]
+        spilling = sum(1 for r in group if r["spill_stores"] or r["spill_loads"])
+        print(f"| {kernel} | {dtype} | {len(group)} | {min(regs)}-{max(regs)} | {spilling} | "
+              f"{max(r['shared'] for r in group)} |")  # fmt: skip
+    print()
     print(
         "| kernel | dtype | precision | family | ids | aligned | D | flags | blocks | warps "
         "| stages | regs | spills | smem |"

@@ -107,7 +107,7 @@ def full_d_limit(dtype: torch.dtype, family: int, interpret: bool | None = None)
     if dtype in (torch.float16, torch.bfloat16):
         # W-Softmax carries W_y and two accumulators: always D slices of 128 on sm_90
         return 0 if family == NT_W else 512
-    if dtype == torch.float32:
+    if dtype == torch.float32 and family != NT_W:
         return 64
     return 32
 
@@ -136,8 +136,8 @@ def gemm_tile(
         # registers, so D slices of a narrow accumulator (logits recomputed per slice)
         if dtype in (torch.float16, torch.bfloat16):
             return Tile(64, 32, 32, 64, 8, 2)
-        if dtype == torch.float32:
-            return Tile(32, 32, 16, 32, 4, 2)
+        if dtype == torch.float32 and family != NT_W:
+            return Tile(32, 32, 16, 32, 8, 2)
         return Tile(16, 32, 16, 16, 4, 1)
     if interp:
         if padded <= limit:
@@ -151,16 +151,19 @@ def gemm_tile(
         if padded <= limit:
             if padded >= 512:
                 # the (64, 512) fp32 accumulator takes 128 of the 255 registers: a narrower
-                # class tile and no second pipeline stage keep the rest spill-free (fp16's
-                # dW also scales its operands: 32 rows per step)
-                rows = 32 if kernel == "dw" and dtype == torch.float16 else 64
-                return Tile(rows, 32, padded, padded, 8, 1)
+                # class tile and no second pipeline stage keep the rest spill-free (fp16 also
+                # scales its operands; the dW kernel also stores through Partial-FC ids)
+                if kernel == "dw":
+                    return Tile(32, 32, padded, padded, 8, 1)
+                return Tile(64, 16 if dtype == torch.float16 else 32, padded, padded, 8, 1)
             return Tile(64, 64, padded, padded, 8, 2)
         return Tile(64, 64, 64, 256, 8, 2)
-    if dtype == torch.float32:
+    if dtype == torch.float32 and family != NT_W:
+        # FMA (or TF32) dots hold both operand tiles in registers: 8 warps share them
         if padded <= limit:
-            return Tile(32, 32, padded, padded, 4, 2)
-        return Tile(32, 32, 16, 128, 4, 2)
+            return Tile(32, 32, padded, padded, 8, 2)
+        return Tile(32, 32, 16, 128, 8, 2)
+    # fp64, and fp32 W-Softmax (W_y and two accumulators): the fp64 tiles
     if padded <= limit:
         return Tile(16, 32, padded, padded, 4, 1)
     return Tile(16, 32, 16, 64, 4, 1)
