@@ -349,8 +349,10 @@ def lse_parts(
         weight: (C, D) class weights of the same dtype (any strides).
         target: (B,) int64; entries outside [0, C) mean "no target in this weight".
         spec: the margin.
-        class_ids: optional (S,) int64 ids in [0, C) of the classes in the denominator, read
-            indirectly (no gathered copy of W); dW is non-zero only on those rows and targets.
+        class_ids: optional (S,) int64 distinct ids in [0, C) of the classes in the
+            denominator (Partial FC samples without replacement), read indirectly (no gathered
+            copy of W); dW is non-zero only on those rows and targets, each sampled row of dW
+            written by the one program that owns it.
         deterministic: accepted for the backend contract; this backend is always bitwise
             deterministic run to run (every output is owned by one program; the splits merge in
             a fixed order), at no extra cost.
