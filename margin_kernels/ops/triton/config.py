@@ -152,10 +152,12 @@ def gemm_tile(
             if padded >= 512:
                 # the (64, 512) fp32 accumulator takes 128 of the 255 registers: a narrower
                 # class tile and no second pipeline stage keep the rest spill-free (fp16 also
-                # scales its operands; the dW kernel also stores through Partial-FC ids)
+                # scales its operands, SO-Softmax squares c; the dW kernel also stores through
+                # Partial-FC ids), on Triton 3.6 and 3.8
                 if kernel == "dw":
                     return Tile(32, 32, padded, padded, 8, 1)
-                return Tile(64, 16 if dtype == torch.float16 else 32, padded, padded, 8, 1)
+                narrow = dtype == torch.float16 or family == NT_SO
+                return Tile(64, 16 if narrow else 32, padded, padded, 8, 1)
             return Tile(64, 64, padded, padded, 8, 2)
         return Tile(64, 64, 64, 256, 8, 2)
     if dtype == torch.float32 and family != NT_W:
