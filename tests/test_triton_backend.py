@@ -1,5 +1,7 @@
-"""The Triton backend against the float64 reference: every loss kind, both backward paths, awkward
-shapes, saturation, |cos| -> 1, theta + m > pi, Partial FC, low precision, op registration.
+"""The Triton backend against the float64 reference: every loss kind with all of D on chip and with
+D slices, awkward shapes, saturation, |cos| -> 1, theta + m > pi, Partial FC, low precision, op
+registration. The GPU-only defects (fp32 scalars, int32 offsets, device, fake strides, fp16
+range) are tested in test_triton_defects.py.
 
 CI runs these under ``TRITON_INTERPRET=1`` on CPU tensors (the interpreter uses 16-wide tiles, so
 the small shapes below still cross several row tiles, column tiles, splits and K slices). On a
@@ -27,6 +29,9 @@ else:
     pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from test_reference import ALL_SPECS  # noqa: E402
+
+from margin_kernels.ops.triton import config  # noqa: E402
+from margin_kernels.ops.triton.margin_math import NUM_PARAMS, kernel_params  # noqa: E402
 
 B, C, D = 19, 37, 24  # B not a multiple of the tile, C prime, D not a power of two
 
@@ -69,12 +74,14 @@ def _fp64_tol(spec):
     return 1e-7 if spec.kind == "combined" else 1e-12
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+# D = 24: one K step, x and the W tile on chip (interpreter tiles hold D <= 32); D = 48: the
+# logits over K steps and the dX numerator / dW accumulators over two D slices
+@pytest.mark.parametrize("dim", [D, 2 * D], ids=["full_d", "d_slices"])
 @pytest.mark.parametrize("name", sorted(ALL_SPECS))
-def test_float64_parity_every_kind(name, deterministic):
+def test_float64_parity_every_kind(name, dim):
     spec = ALL_SPECS[name]
-    x, w, y = _data()
-    _assert_parity(x, w, y, spec, _fp64_tol(spec), reduction="none", deterministic=deterministic)
+    x, w, y = _data(d=dim)
+    _assert_parity(x, w, y, spec, _fp64_tol(spec), reduction="none")
 
 
 @pytest.mark.parametrize(
@@ -147,38 +154,43 @@ def test_all_rows_ignored_and_empty_batch():
     assert loss.item() == 0.0 and dx.shape == (0, D) and (dw == 0).all()
 
 
-def test_deterministic_gradients_are_bitwise_identical_and_match_the_atomic_path():
+def test_gradients_are_bitwise_identical_with_and_without_the_deterministic_flag():
+    """One path: every output has one owner and the splits merge in a fixed order, so
+    ``deterministic=True`` costs nothing and changes nothing."""
     x, w, y = _data(dtype=torch.float32)
     spec = MarginSpec.arcface(30.0, 0.5)
-    runs = [_loss_and_grads(x, w, y, spec, "triton", deterministic=True) for _ in range(2)]
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)
-    fused = _loss_and_grads(x, w, y, spec, "triton", deterministic=False)
-    for a, b in zip(runs[0], fused, strict=True):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    runs = [_loss_and_grads(x, w, y, spec, "triton", deterministic=flag) for flag in (True, False)]
+    runs.append(_loss_and_grads(x, w, y, spec, "triton", deterministic=True))
+    for first, *others in zip(*runs, strict=True):
+        assert all(torch.equal(first, other) for other in others)
 
 
 def test_more_classes_than_a_grid_dimension(monkeypatch):
-    """More than 65535 column tiles (CUDA's limit on grid axes 1 and 2): they sit on axis 0.
-    The interpreter takes 2048-wide tiles to keep the step count small, so C > 65536 there;
-    on a GPU the real tiles need C > 65535 column tiles."""
+    """More than 65535 class tiles (CUDA's limit on grid axes 1 and 2): the dW kernel's class
+    tiles sit on axis 0 (the forward's splits on axis 1 stay few). The interpreter takes
+    2048-wide tiles to keep the step count small, so C > 65536 there; on a GPU the real tiles
+    need C > 65535 class tiles."""
     if tb.INTERPRET:
-        wide = tb._Tile(16, 2048, 16, 1, 1, out=16)
-        monkeypatch.setattr(tb, "_tiles", lambda dtype, family, prec: tb._Tiles(wide, wide, wide))
+        wide = config.Tile(16, 2048, 16, 16, 1, 1)
+        monkeypatch.setattr(config, "gemm_tile", lambda *args, **kwargs: wide)
         num_classes = 65537 + 2048
     else:
-        num_classes = 65536 * tb._tiles(torch.float64, tb.NT_SCALED, "ieee").bwd.c + 17
+        tile = config.gemm_tile(torch.float64, config.NT_SCALED, 8)
+        num_classes = 65536 * tile.block_n + 17
     x, w, y = _data(b=5, c=num_classes, d=8, ignored=())
     y[0] = num_classes - 100  # a target beyond 2^16
     _assert_parity(x, w, y, MarginSpec.cosface(30.0, 0.35), 1e-12, reduction="none")
 
 
-def _lowp_error(dtype, spec, deterministic=False):
-    """Our error in ``dtype`` and the reference's own error in ``dtype``, both vs float64."""
+def _lowp_error(dtype, spec, x_norm=None):
+    """Our error in ``dtype`` and the reference's own error in ``dtype``, both vs float64
+    (feature rows scaled to norm ``x_norm`` when given)."""
     x, w, y = _data(dtype=torch.float64, seed=3)
+    if x_norm is not None:
+        x = x / x.norm(dim=1, keepdim=True) * x_norm
     exact = _loss_and_grads(x, w, y, spec, "torch", reduction="none")
     xl, wl = x.to(dtype), w.to(dtype)
-    ours = _loss_and_grads(xl, wl, y, spec, "triton", reduction="none", deterministic=deterministic)
+    ours = _loss_and_grads(xl, wl, y, spec, "triton", reduction="none")
     torch_lp = _loss_and_grads(xl, wl, y, spec, "torch", reduction="none")
     return [(_rel(o, e), _rel(t, e)) for o, t, e in zip(ours, torch_lp, exact, strict=True)]
 
@@ -237,15 +249,21 @@ def test_modules_run_on_the_triton_backend():
     assert head.iteration == 2
 
 
-def test_ops_pass_opcheck():
+@pytest.mark.parametrize("layout", ["contiguous", "column_major"])
+def test_ops_pass_opcheck(layout):
+    """The fake kernels match the real ops' shapes, dtypes and strides; with column-major x and
+    W the real backward still returns contiguous gradients, and so must the fake one."""
     x, w, y = _data(b=7, c=11, d=8, ignored=())
+    if layout == "column_major":
+        x, w = x.t().contiguous().t(), w.t().contiguous().t()
     for spec in (MarginSpec.arcface(16.0, 0.5), MarginSpec.w_softmax(1.5)):
         kind_id, params = spec.kernel_args()
-        args = (x, w, y, None, kind_id, list(params), False)
+        args = (x, w, y, None, kind_id, list(params), True)
         torch.library.opcheck(torch.ops.margin_kernels.triton_lse_fwd, args)
-        neg_lse, _, stats, norms = torch.ops.margin_kernels.triton_lse_fwd(*args)
+        neg_lse, _, stats, norms, nums = torch.ops.margin_kernels.triton_lse_fwd(*args)
         grads = (torch.ones_like(neg_lse), torch.ones_like(neg_lse))
-        bwd_args = (*grads, x, w, y, None, neg_lse, stats, norms, kind_id, list(params), True)
+        bwd_args = (*grads, x, w, y, None, neg_lse, stats, norms, nums, kind_id, list(params),
+                    True, True)  # fmt: skip
         torch.library.opcheck(torch.ops.margin_kernels.triton_lse_bwd, bwd_args)
 
 
@@ -269,17 +287,21 @@ def test_auto_picks_triton_for_cuda_tensors():
 
 
 def test_unavailable_reason_names_the_fix(monkeypatch):
-    monkeypatch.setattr(tb, "INTERPRET", False)
+    monkeypatch.setattr(tb.ops, "INTERPRET", False)
     reason = tb.unavailable_reason(torch.device("cpu"), MarginSpec.cosface())
     assert "TRITON_INTERPRET=1" in reason and "CUDA" in reason
-    monkeypatch.setattr(tb, "HAS_TRITON", False)
+    monkeypatch.setattr(tb.ops, "HAS_TRITON", False)
     assert "pip install triton" in tb.unavailable_reason(torch.device("cuda"), MarginSpec.cosface())
 
 
 def test_psi_thresholds_and_acos_polynomial():
-    assert tb._psi_thresholds(0, 4) == pytest.approx(
-        (math.cos(math.pi / 4), 0.0, math.cos(3 * math.pi / 4)), abs=1e-15
+    params = list(MarginSpec.lsoftmax(4).kernel_args()[1])
+    vec = kernel_params(params, 4)
+    assert len(vec) == NUM_PARAMS and vec[:11] == params[:11]
+    assert vec[11:14] == pytest.approx(
+        [math.cos(math.pi / 4), 0.0, math.cos(3 * math.pi / 4)], abs=1e-15
     )
+    assert vec[14:] == [-2.0] * 12
     # the combined margin's arccos: its value through the kernel at c across [-1, 1]
     c = torch.linspace(-1, 1, 41, dtype=torch.float64)
     x = torch.stack([c, (1 - c * c).clamp_min(0).sqrt()], dim=1).to(DEVICE)

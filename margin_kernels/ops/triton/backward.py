@@ -1,0 +1,135 @@
+"""Backward kernel: dW by ownership. dX needs no kernel of its own: the forward accumulated its
+numerator, and the launcher scales it by the upstream gradient (O(B D))."""
+
+from __future__ import annotations
+
+from ._compat import HAS_TRITON, tl, triton
+
+if HAS_TRITON:
+    from .forward import _logits_k_loop
+    from .margin_math import _accumulate_rows, _logit_grads, _nontarget_logits
+
+    @triton.jit
+    def _dw_kernel(
+        X, W, Y, IDS, NX, NW, CY, NY, PARAMS, LSE, GLSE, DW,
+        B, S, D, slices, stride_xb, stride_xd, stride_wc, stride_wd,
+        NT: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, ONE_K: tl.constexpr, SCALE_OPS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_OUT: tl.constexpr,
+    ):  # fmt: skip
+        """dW of the non-target columns, one program per (class tile, D slice).
+
+        The program walks every row tile in order with a (BLOCK_N, BLOCK_OUT) accumulator,
+        recomputes the logits with the final LSE, P_ij = g_i exp(f_ij - LSE_i), and adds
+
+            dW_j += sum_i (P df/dd)_ij x_i  [+ sum_i (P df/de)_ij W_y(i)]       (GEMM)
+            dW_j += (sum_i (P df/dnw)_ij / nw_j) W_j                           (epilogue)
+
+        then writes dW once in W's dtype (contiguous rows; with Partial-FC ids, the sampled
+        rows of a zeroed dW). No atomics: deterministic."""
+        pid = tl.program_id(0)
+        dslice = pid % slices
+        col_tile = pid // slices
+        cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < S
+        if HAS_IDS:
+            cls = tl.load(IDS + cols, mask=col_mask, other=0).to(tl.int64)
+        else:
+            cls = cols.to(tl.int64)
+        nw = tl.load(NW + cols, mask=col_mask, other=1.0)
+        s = tl.load(PARAMS + 0)
+        marg = tl.load(PARAMS + 1)
+        lambda_n = tl.load(PARAMS + 7)
+        alpha = tl.load(PARAMS + 8)
+        op_dtype = X.dtype.element_ty
+        kk_out = dslice.to(tl.int64) * BLOCK_OUT + tl.arange(0, BLOCK_OUT).to(tl.int64)
+        out_kmask = kk_out < D
+        if ONE_K:
+            # the class tile's W stays on chip for the whole row walk
+            w_t = tl.load(W + cls[:, None] * stride_wc + kk_out[None, :] * stride_wd,
+                          mask=col_mask[:, None] & out_kmask[None, :], other=0.0)  # fmt: skip
+            if UPCAST:
+                w_t = w_t.to(tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_OUT), dtype=ACC)
+        acc_nw = tl.zeros((BLOCK_N,), dtype=ACC)
+        one = tl.full((BLOCK_N,), 1.0, ACC)  # no rescaling: the final LSE is known
+        for r0 in range(0, B, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            rows64 = rows.to(tl.int64)
+            row_mask = rows < B
+            y = tl.load(Y + rows, mask=row_mask, other=-1)
+            y_safe = tl.where(y >= 0, y, 0).to(tl.int64)
+            nx = tl.load(NX + rows, mask=row_mask, other=1.0)
+            cy = tl.zeros_like(nx)
+            ny = tl.zeros_like(nx) + 1.0
+            if NT == 4:
+                cy = tl.load(CY + rows, mask=row_mask, other=0.0)
+                ny = tl.load(NY + rows, mask=row_mask, other=1.0)
+            lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+            glse = tl.load(GLSE + rows, mask=row_mask, other=0.0)
+            live = row_mask[:, None] & col_mask[None, :] & (cls[None, :] != y[:, None])
+            x_out = tl.load(X + rows64[:, None] * stride_xb + kk_out[None, :] * stride_xd,
+                            mask=row_mask[:, None] & out_kmask[None, :], other=0.0)  # fmt: skip
+            if UPCAST:
+                x_out = x_out.to(tl.float32)
+            y_out = x_out
+            if NT == 4:
+                y_out = tl.load(W + y_safe[:, None] * stride_wc + kk_out[None, :] * stride_wd,
+                                mask=row_mask[:, None] & out_kmask[None, :],
+                                other=0.0)  # fmt: skip
+                if UPCAST:
+                    y_out = y_out.to(tl.float32)
+            if ONE_K:
+                d = tl.dot(x_out, tl.trans(w_t), input_precision=PRECISION, out_dtype=ACC)
+                e = d
+                if NT == 4:
+                    e = tl.dot(y_out, tl.trans(w_t), input_precision=PRECISION, out_dtype=ACC)
+            else:
+                d, e = _logits_k_loop(
+                    X, W, rows64, row_mask, cls, col_mask, y_safe, D,
+                    stride_xb, stride_xd, stride_wc, stride_wd,
+                    NT, ACC, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
+            nx2 = nx[:, None]
+            nw2 = nw[None, :]
+            f = _nontarget_logits(d, e, nx2, nw2, cy[:, None], ny[:, None], s, marg, lambda_n,
+                                  alpha, NT)  # fmt: skip
+            # P = dL/df = g_i softmax_j(f) over the live columns, from the final LSE
+            p = tl.where(live, glse[:, None] * tl.exp(f - lse[:, None]), 0.0)
+            dd, de, _g_nx, _g_cy, _g_ny, g_nw = _logit_grads(
+                p,
+                d,
+                e,
+                tl.where(live, f, 0.0),
+                nx2,
+                nw2,
+                cy[:, None],
+                ny[:, None],
+                s,
+                lambda_n,
+                alpha,
+                NT,
+            )
+            dd = tl.where(live, dd, 0.0)
+            acc = _accumulate_rows(
+                acc, one, tl.trans(dd), x_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
+            )
+            if NT != 0:
+                acc_nw += tl.sum(tl.where(live, g_nw, 0.0), axis=0)
+            if NT == 4:
+                de = tl.where(live, de, 0.0)
+                acc = _accumulate_rows(
+                    acc, one, tl.trans(de), y_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
+                )
+        if NT != 0:
+            # column-norm chain term: dW_j += (dL/dnw_j / nw_j) W_j
+            if ONE_K:
+                w_e = w_t
+            else:
+                w_e = tl.load(W + cls[:, None] * stride_wc + kk_out[None, :] * stride_wd,
+                              mask=col_mask[:, None] & out_kmask[None, :], other=0.0)  # fmt: skip
+            acc += (acc_nw / nw)[:, None] * w_e.to(ACC)
+        # one owner per row of dW (Partial-FC ids are distinct): a plain store
+        tl.store(DW + cls[:, None] * D + kk_out[None, :], acc.to(DW.dtype.element_ty),
+                 mask=col_mask[:, None] & out_kmask[None, :])  # fmt: skip

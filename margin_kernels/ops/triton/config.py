@@ -1,0 +1,301 @@
+"""Tiles, grids and launch order of every Triton launch, in pure Python (torch and math only).
+
+The launchers in :mod:`margin_kernels.ops.triton.ops` take every tile, grid, warp and stage
+count from this module, and ``bench/model.py`` reads the same numbers through :func:`plan`, so the
+performance model describes exactly what runs.
+
+Kernels (forward, then backward):
+
+* ``_row_norm_kernel`` — ``max(||v||, eps)`` of the rows of x, then of the (sampled) rows of W.
+  W's norms take one extra O(C D) pass: every forward program needs ``||W_j||`` before the first
+  logit of a class tile, and computing it from the tile on chip would cost each of the B/BLOCK_M
+  row-block programs C D CUDA-core multiply-adds (1/BLOCK_M of the GEMM on CUDA cores, more than
+  the separate bandwidth-bound pass).
+* ``_target_kernel`` — per row, the target logit and its chain coefficients (O(B D)).
+* ``_fwd_kernel`` — one program per (row block, D slice, class split): online log-sum-exp over
+  the split's class tiles, the target column masked; when a gradient is needed, also the dX
+  numerator ``sum_j exp(f_ij - M_i) (df/dd)_ij W_j`` and the row sums of the norm chain rule,
+  rescaled with the running max as flash attention rescales its output. Split partials are
+  merged in a fixed order by torch (``merge``).
+* ``_dw_kernel`` — one program per (class tile, D slice): walks every row tile in order with a
+  (BLOCK_N, BLOCK_OUT) fp32 (fp64) accumulator, recomputes the logits from the final LSE, adds
+  the column-norm term in its epilogue and writes dW once in W's dtype.
+* ``rowwise`` (torch) — the target rows' and the feature-norm terms, O(B D).
+
+A tile whose ``block_k == block_out >= D`` holds all of D on chip ("one K step"): x stays on chip
+across the class tiles of the forward, the W tile across the row tiles of the backward, and one
+load of the streamed operand feeds both GEMMs. Above that D the accumulator owns a D slice of
+``block_out`` columns and the logits are recomputed per slice (``slices`` programs per tile).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Non-target logit families: every kind's f_ij is one of these functions of (d, nx, nw).
+NT_RAW = 0  # f = d                                   (lsoftmax, soft_margin)
+NT_XNORM = 1  # f = ||x|| c = d / nw                  (sphereface)
+NT_SCALED = 2  # f = s c                              (cosface, arcface, combined, lm_softmax)
+NT_SO = 3  # f = lambda_n (c^2 - m^2)                 (so_softmax)
+NT_W = 4  # f = nx (alpha c_iy + c) / sqrt(1 + alpha^2 + 2 alpha w_y.w_j)   (w_softmax)
+
+NONTARGET_FAMILY = {
+    "lsoftmax": NT_RAW,
+    "soft_margin": NT_RAW,
+    "sphereface": NT_XNORM,
+    "cosface": NT_SCALED,
+    "arcface": NT_SCALED,
+    "combined": NT_SCALED,
+    "lm_softmax": NT_SCALED,
+    "so_softmax": NT_SO,
+    "w_softmax": NT_W,
+}
+
+# Every launch states the full per-thread register budget. Left to itself, ptxas (as Triton
+# drives it) caps some kernels at 96-128 registers to raise occupancy and spills instead.
+MAX_REGISTERS = 255
+# Programs per SM the forward's class splits aim for (whole waves at one resident program).
+FORWARD_WAVES = 2
+
+
+def interpreting() -> bool:
+    """True under Triton's interpreter (TRITON_INTERPRET=1), which takes the small test tiles."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One GEMM-shaped kernel's tile: rows x classes, the K step of the logits GEMM, the D slice
+    its accumulator owns, warps and software-pipeline stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    block_out: int
+    num_warps: int
+    num_stages: int
+
+    def one_k(self, dim: int) -> bool:
+        """All of D on chip: one K step, one D slice."""
+        return self.block_k == self.block_out and dim <= self.block_out
+
+    def slices(self, dim: int) -> int:
+        return 1 if self.one_k(dim) else max(1, math.ceil(dim / self.block_out))
+
+
+@dataclass(frozen=True)
+class RowTile:
+    """Row-wise kernels (norms, target logits): rows per program, K step, warps."""
+
+    block_r: int
+    block_k: int
+    num_warps: int = 4
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(4, (max(n, 1) - 1).bit_length())
+
+
+def full_d_limit(dtype: torch.dtype, family: int, interpret: bool | None = None) -> int:
+    """Largest padded D (power of two) held on chip in one K step; above it, D slices."""
+    if interpreting() if interpret is None else interpret:
+        return 32
+    if dtype in (torch.float16, torch.bfloat16):
+        # W-Softmax carries W_y and two accumulators: always D slices of 128 on sm_90
+        return 0 if family == NT_W else 512
+    if dtype == torch.float32 and family != NT_W:
+        return 64
+    return 32
+
+
+def gemm_tile(
+    dtype: torch.dtype,
+    family: int,
+    dim: int,
+    interpret: bool | None = None,
+    aligned: bool = True,
+    kernel: str = "forward",
+) -> Tile:
+    """Tile of ``_fwd_kernel`` (``kernel="forward"``) or ``_dw_kernel`` (``"dw"``): rows x classes.
+
+    16-bit inputs run on tensor cores with fp32 accumulators: 64 x 64 tiles at 8 warps; with all
+    of D on chip (D <= 512, W-Softmax D <= 256: it carries a second accumulator) the
+    (64, 512) fp32 accumulator is 128 registers per thread. fp32 (FMA, or TF32 when torch allows
+    it) and fp64 hold both operand slices in registers, hence narrower tiles. The interpreter
+    takes 16-wide tiles so that small test shapes cross several tiles, splits, K steps and D
+    slices. tests/triton_aot.py compiles every tile for sm_90 and checks that none spills."""
+    interp = interpreting() if interpret is None else interpret
+    limit = full_d_limit(dtype, family, interp)
+    padded = _pow2(dim)
+    if not aligned and not interp:
+        # strided or D % 16 != 0 (see ``is_aligned``): per-element addresses and masks cost
+        # registers, so D slices of a narrow accumulator (logits recomputed per slice)
+        if dtype in (torch.float16, torch.bfloat16):
+            return Tile(64, 32, 32, 64, 8, 2)
+        if dtype == torch.float32 and family != NT_W:
+            return Tile(32, 32, 16, 32, 8, 2)
+        return Tile(16, 32, 16, 16, 4, 1)
+    if interp:
+        if padded <= limit:
+            return Tile(16, 16, padded, padded, 1, 1)
+        return Tile(16, 16, 16, 32, 1, 1)
+    if dtype in (torch.float16, torch.bfloat16):
+        if family == NT_W:  # two accumulators (dX and dW_y numerators)
+            if padded <= limit:
+                return Tile(64, 32, padded, padded, 8, 2)
+            return Tile(64, 32, 64, 128, 8, 2)
+        if padded <= limit:
+            if padded >= 512:
+                # the (64, 512) fp32 accumulator takes 128 of the 255 registers: a narrower
+                # class tile and no second pipeline stage keep the rest spill-free (fp16 also
+                # scales its operands, SO-Softmax squares c; the dW kernel also stores through
+                # Partial-FC ids), on Triton 3.6 and 3.8
+                if kernel == "dw":
+                    return Tile(32, 32, padded, padded, 8, 1)
+                narrow = dtype == torch.float16 or family == NT_SO
+                return Tile(64, 16 if narrow else 32, padded, padded, 8, 1)
+            return Tile(64, 64, padded, padded, 8, 2)
+        return Tile(64, 64, 64, 256, 8, 2)
+    if dtype == torch.float32 and family != NT_W:
+        # FMA (or TF32) dots hold both operand tiles in registers: 8 warps share them
+        if padded <= limit:
+            return Tile(32, 32, padded, padded, 8, 2)
+        return Tile(32, 32, 16, 128, 8, 2)
+    # fp64, and fp32 W-Softmax (W_y and two accumulators): the fp64 tiles
+    if padded <= limit:
+        return Tile(16, 32, padded, padded, 4, 1)
+    return Tile(16, 32, 16, 64, 4, 1)
+
+
+def is_aligned(dim: int, *tensors: torch.Tensor) -> bool:
+    """What Triton's JIT specialises a launch to and the large tiles need: D % 16 == 0, unit
+    inner strides, row strides and base addresses multiples of 16 (elements / bytes)."""
+    return dim % 16 == 0 and all(
+        t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors
+    )
+
+
+def row_tile(dtype: torch.dtype, interpret: bool | None = None) -> RowTile:
+    """Row-wise kernels: spill-free on sm_90 (fp64 takes fewer rows for the arccos polynomial)."""
+    if interpreting() if interpret is None else interpret:
+        return RowTile(256, 16, 1)
+    return RowTile(8, 64) if dtype == torch.float64 else RowTile(16, 64)
+
+
+def forward_splits(batch: int, num_cols: int, tile: Tile, slices: int, num_sms: int) -> int:
+    """Class splits of the forward: about FORWARD_WAVES programs per SM over (row blocks x D
+    slices x splits); each split owns whole class tiles."""
+    row_blocks = max(1, math.ceil(batch / tile.block_m))
+    col_tiles = max(1, math.ceil(num_cols / tile.block_n))
+    want = max(1, (FORWARD_WAVES * num_sms) // (row_blocks * slices))
+    splits = max(1, min(col_tiles, want))
+    per_split = math.ceil(col_tiles / splits)
+    return max(1, math.ceil(col_tiles / per_split))
+
+
+def cols_per_split(num_cols: int, splits: int, tile: Tile) -> int:
+    col_tiles = max(1, math.ceil(num_cols / tile.block_n))
+    return math.ceil(col_tiles / splits) * tile.block_n
+
+
+@dataclass(frozen=True)
+class Launch:
+    phase: str  # "forward" or "backward"
+    kernel: str  # name of the @triton.jit function launched ("torch" for torch ops)
+    role: str  # row_norms, col_norms, target, forward, merge, dw, dx, rowwise
+    grid: tuple[int, ...]  # programs per grid axis (axis 0 is launched fastest)
+    block_m: int  # rows of x per tile (0 if none)
+    block_n: int  # classes per tile (0 if none)
+    block_k: int  # D elements per inner step (or the full D when the tile holds all of D)
+    num_warps: int
+    num_stages: int
+    row_tiles_per_program: int
+    col_tiles_per_program: int
+    order: str  # launch order / grouping in words
+
+
+def plan(
+    batch: int,
+    num_classes: int,
+    dim: int,
+    dtype: torch.dtype,
+    kind: str,
+    num_sampled: int | None = None,
+    needs_dx: bool = True,
+    needs_dw: bool = True,
+    num_sms: int = 132,
+) -> list[Launch]:
+    """Every launch of one forward + backward on a GPU (not the interpreter), in launch order."""
+    family = NONTARGET_FAMILY[kind]
+    cols = num_classes if num_sampled is None else num_sampled
+    rt = row_tile(dtype, interpret=False)
+    tile = gemm_tile(dtype, family, dim, interpret=False)
+    slices = tile.slices(dim)
+    row_blocks = max(1, math.ceil(batch / tile.block_m))
+    col_tiles = max(1, math.ceil(cols / tile.block_n))
+    k_inner = dim if tile.one_k(dim) else tile.block_k
+    # W-Softmax's dW needs the forward's dW_y numerator even when x needs no gradient
+    needs_num = needs_dx or (family == NT_W and needs_dw)
+    fwd_slices = slices if needs_num else 1
+    splits = forward_splits(batch, cols, tile, fwd_slices, num_sms)
+    per_split = math.ceil(col_tiles / splits)
+    out = [
+        Launch("forward", "_row_norm_kernel", "row_norms", (math.ceil(batch / rt.block_r),),
+               rt.block_r, 0, rt.block_k, rt.num_warps, 1, 1, 0, "row blocks in order"),
+        Launch("forward", "_row_norm_kernel", "col_norms", (math.ceil(cols / rt.block_r),),
+               rt.block_r, 0, rt.block_k, rt.num_warps, 1, 1, 0, "class rows in order"),
+        Launch("forward", "_target_kernel", "target", (math.ceil(batch / rt.block_r),),
+               rt.block_r, 0, rt.block_k, rt.num_warps, 1, 1, 0, "row blocks in order"),
+        Launch("forward", "_fwd_kernel", "forward", (row_blocks * fwd_slices, splits),
+               tile.block_m, tile.block_n, k_inner, tile.num_warps, tile.num_stages, 1,
+               per_split,
+               "axis 0: row blocks (then D slices) fastest, so the programs of one class split "
+               "run together and read each W tile from HBM once; x on chip across class tiles "
+               "when one K step"),
+        Launch("forward", "torch", "merge", (), 0, 0, 0, 0, 0, 0, splits,
+               "log-sum-exp and dX numerator of the splits, summed in split order"),
+    ]  # fmt: skip
+    if needs_dw and cols:
+        tile = gemm_tile(dtype, family, dim, interpret=False, kernel="dw")
+        slices = tile.slices(dim)
+        row_blocks = max(1, math.ceil(batch / tile.block_m))
+        col_tiles = max(1, math.ceil(cols / tile.block_n))
+        k_inner = dim if tile.one_k(dim) else tile.block_k
+        out.append(
+            Launch(
+                "backward",
+                "_dw_kernel",
+                "dw",
+                (col_tiles * slices,),
+                tile.block_m,
+                tile.block_n,
+                k_inner,
+                tile.num_warps,
+                tile.num_stages,
+                row_blocks,
+                1,
+                "axis 0: D slices fastest, then class tiles; each program walks every row "
+                "tile in order (x from L2), W tile on chip when one K step",
+            )
+        )
+    out.append(
+        Launch(
+            "backward",
+            "torch",
+            "rowwise",
+            (),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            "dX = g numerator + norm and target terms; target rows of dW (O(B D))",
+        )
+    )
+    return out

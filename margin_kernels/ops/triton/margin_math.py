@@ -1,0 +1,206 @@
+"""Margin math of the Triton kernels (``@triton.jit`` helpers, inlined into the kernels).
+
+Every logit is a function of the raw dot ``d_ij = x_i . W_j`` and of the norms
+``nx_i = max(||x_i||, eps)``, ``nw_j = max(||W_j||, eps)`` (eps = 1e-12); W-Softmax also reads
+``c_iy`` and ``e_ij = W_y . W_j``. Float hyper-parameters reach the kernels in a small tensor of
+the accumulation dtype (``PARAMS``, laid out by :func:`kernel_params`): a Python float argument
+would be rounded to fp32 by the compiled launcher, an fp64 tensor keeps fp64 precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._compat import HAS_TRITON, tl, triton
+
+# PARAMS layout: s, m, m1, m2, m3, lam, lambda_p, lambda_n, alpha, cos m, sin m, then the psi
+# thresholds cos(j pi / m), j = 1..15 (unused entries -2: c is never below them).
+NUM_PARAMS = 26
+MAX_THRESHOLDS = 15
+
+
+def kernel_params(params: list[float], psi_m: int) -> list[float]:
+    """The PARAMS vector of :meth:`MarginSpec.kernel_args` ``params`` (13 floats)."""
+    head = list(params[:11])
+    ths = [math.cos(j * math.pi / psi_m) for j in range(1, psi_m)] if psi_m > 1 else []
+    return head + ths + [-2.0] * (MAX_THRESHOLDS - len(ths))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _acos(x):
+        """arccos on [-1, 1] to ~1 ulp of float32, without libdevice (which the interpreter
+        lacks): asin by its odd minimax polynomial on [0, 0.5], and the half-angle identity
+        asin(a) = pi/2 - 2 asin(sqrt((1 - a)/2)) above 0.5."""
+        ax = tl.abs(x)
+        big = ax > 0.5
+        z = tl.where(big, 0.5 * (1.0 - ax), ax * ax)
+        r = tl.where(big, tl.sqrt(z), ax)
+        poly = (
+            ((4.2163199048e-2 * z + 2.4181311049e-2) * z + 4.5470025998e-2) * z + 7.4953002686e-2
+        ) * z + 1.6666752422e-1
+        asin_r = r + r * z * poly
+        asin_ax = tl.where(big, 1.5707963267948966 - 2.0 * asin_r, asin_r)
+        # acos(x) = pi/2 - asin(x), asin odd
+        return tl.where(x >= 0, 1.5707963267948966 - asin_ax, 1.5707963267948966 + asin_ax)
+
+    @triton.jit
+    def _chebyshev(c, PSI_M: tl.constexpr):
+        """T_m(c) = cos(m theta) and its derivative T_m'(c): the closed forms for m <= 4, the
+        recurrence T_{k+1} = 2 c T_k - T_{k-1} (T'_{k+1} = 2 T_k + 2 c T'_k - T'_{k-1}) above,
+        unrolled over the constexpr m, in the reference's order of operations."""
+        c2 = c * c
+        if PSI_M == 1:
+            cheb = c
+            dcheb = tl.full(c.shape, 1.0, c.dtype)
+        elif PSI_M == 2:
+            cheb = 2.0 * c2 - 1.0
+            dcheb = 4.0 * c
+        elif PSI_M == 3:
+            cheb = (4.0 * c2 - 3.0) * c
+            dcheb = 12.0 * c2 - 3.0
+        else:
+            prev = (4.0 * c2 - 3.0) * c
+            dprev = 12.0 * c2 - 3.0
+            cheb = (8.0 * c2 - 8.0) * c2 + 1.0
+            dcheb = (32.0 * c2 - 16.0) * c
+            for _ in tl.static_range(4, PSI_M):
+                nxt = 2.0 * c * cheb - prev
+                dnxt = 2.0 * cheb + 2.0 * c * dcheb - dprev
+                prev = cheb
+                dprev = dcheb
+                cheb = nxt
+                dcheb = dnxt
+        return cheb, dcheb
+
+    @triton.jit
+    def _psi_blend(c, lam, PARAMS, PSI_M: tl.constexpr):
+        """(lam c + psi_m(c)) / (1 + lam) and its derivative in c. psi_m = (-1)^k T_m(c) - 2k
+        with k = number of thresholds cos(j pi/m), j = 1..m-1, that c lies below."""
+        cheb, dcheb = _chebyshev(c, PSI_M)
+        k = tl.zeros(c.shape, c.dtype)
+        for j in tl.static_range(1, PSI_M):
+            k += (c < tl.load(PARAMS + 10 + j)).to(c.dtype)
+        odd = (k - 2.0 * tl.floor(k * 0.5)) == 1.0
+        sign = tl.where(odd, -1.0, 1.0)
+        value = (lam * c + sign * cheb - 2.0 * k) / (1.0 + lam)
+        deriv = (lam + sign * dcheb) / (1.0 + lam)  # k is piecewise constant
+        return value, deriv
+
+    @triton.jit
+    def _arc_margin(
+        c, s, m1, m2, m3, cos_m, sin_m, marg,
+        KIND: tl.constexpr, GRAD_MODE: tl.constexpr, OVERFLOW: tl.constexpr,
+    ):  # fmt: skip
+        """s * margin-cosine and its derivative in c for arcface (KIND 3) and combined (4)."""
+        cc = tl.minimum(tl.maximum(c, -1.0), 1.0)
+        # guarded sin(theta) for the derivative only: finite at |c| -> 1
+        sin_guard = tl.sqrt(tl.maximum(1.0 - c * c, 1e-6))
+        if KIND == 3:
+            sin_theta = tl.sqrt(tl.maximum(1.0 - cc * cc, 0.0))
+            value = cc * cos_m - sin_theta * sin_m  # cos(theta + m)
+            deriv = cos_m + sin_m * c / sin_guard
+            if OVERFLOW == 0:
+                plain = c > -cos_m  # theta <= pi - m; beyond it c - m sin m keeps T monotone
+                value = tl.where(plain, value, c - marg * sin_m)
+                deriv = tl.where(plain, deriv, 1.0)
+            elif OVERFLOW == 2:
+                plain = c > 0.0  # "easy margin": the margin only where c > 0
+                value = tl.where(plain, value, c)
+                deriv = tl.where(plain, deriv, 1.0)
+        else:
+            angle = m1 * _acos(cc) + m2
+            value = tl.cos(angle) - m3  # cos(m1 theta + m2) - m3
+            deriv = m1 * tl.sin(angle) / sin_guard
+        if GRAD_MODE == 1:
+            deriv = tl.full(c.shape, 1.0, c.dtype)  # straight-through: dT/dc = s
+        return s * value, s * deriv
+
+    @triton.jit
+    def _nontarget_logits(d, e, nx, nw, cy, ny, s, marg, lambda_n, alpha, NT: tl.constexpr):
+        """f_ij from the raw dot d; nx, cy, ny are (BLOCK_M, 1), nw is (1, BLOCK_N)."""
+        if NT == 0:
+            f = d  # raw logit W_j . x
+        elif NT == 1:
+            f = d / nw  # ||x|| c = x . W_j / ||W_j||
+        elif NT == 2:
+            f = s * (d / (nx * nw))  # s c
+        elif NT == 3:
+            c = d / (nx * nw)
+            f = lambda_n * (c * c - marg * marg)
+        else:
+            c = d / (nx * nw)
+            g = e / (ny * nw)  # w_y . w_j of unit vectors
+            q = tl.sqrt(tl.maximum(1.0 + alpha * alpha + 2.0 * alpha * g, 1e-12))
+            f = nx * (alpha * cy + c) / q
+        return f
+
+    @triton.jit
+    def _logit_grads(p, d, e, f, nx, nw, cy, ny, s, lambda_n, alpha, NT: tl.constexpr):
+        """Given p = dL/df on a tile, the loss's derivatives with respect to the tile's pieces:
+        dd = dL/dd, de = dL/de (W-Softmax), and the per-element terms of dL/dnx, dL/dc_y,
+        dL/dny (summed over columns by the caller) and dL/dnw (summed over rows)."""
+        zero = tl.zeros(p.shape, p.dtype)
+        de = zero
+        d_nx = zero
+        d_nw = zero
+        d_cy = zero
+        d_ny = zero
+        if NT == 0:
+            dd = p  # df/dd = 1
+        elif NT == 1:
+            dd = p / nw  # f = d / nw
+            d_nw = -p * f / nw
+        elif NT == 2 or NT == 3:
+            c = d / (nx * nw)
+            h = p * s  # f = s c
+            if NT == 3:
+                h = p * 2.0 * lambda_n * c  # f = lambda_n (c^2 - m^2)
+            dd = h / (nx * nw)  # c = d / (nx nw)
+            d_nx = -h * c / nx
+            d_nw = -h * c / nw
+        else:
+            c = d / (nx * nw)
+            g = e / (ny * nw)
+            q = tl.sqrt(tl.maximum(1.0 + alpha * alpha + 2.0 * alpha * g, 1e-12))
+            # f = (alpha nx c_y + d / nw) / q,  q = sqrt(1 + alpha^2 + 2 alpha e / (ny nw))
+            dq = -p * f * alpha / (q * q)  # dL/dg through q
+            dd = p / (nw * q)
+            de = dq / (ny * nw)
+            d_nw = -p * d / (nw * nw * q) - dq * g / nw
+            d_nx = p * alpha * cy / q
+            d_cy = p * alpha * nx / q
+            d_ny = -dq * g / ny
+        return dd, de, d_nx, d_cy, d_ny, d_nw
+
+    @triton.jit
+    def _pow2_scale(big):
+        """A power of two that brings ``big`` (>= 0) into [1, 2): fp16 second-GEMM operands
+        scaled by it neither flush to zero nor lose bits as subnormals; undoing it is exact.
+        1 where big is 0 or not finite (NaN stays NaN); at most 2^60, so that an accumulator
+        scaled by it stays finite."""
+        expo = tl.maximum(tl.floor(tl.log2(tl.maximum(big, 1e-30))), -60.0)
+        return tl.where((big > 0) & (big < float("inf")), tl.exp2(-expo), 1.0)
+
+    @triton.jit
+    def _accumulate_rows(acc, rescale, h, v, OP_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                         UPCAST: tl.constexpr, SCALE_OPS: tl.constexpr,
+                         PRECISION: tl.constexpr):  # fmt: skip
+        """acc * rescale[:, None] + h @ v, (M, N) x (N, K) -> (M, K) in ACC, with h cast to
+        the operand dtype. The product accumulates into acc in place (no second (M, K) tile
+        of registers). With SCALE_OPS each row of h is scaled by a power of two first: the
+        accumulator is scaled along and unscaled after, exactly."""
+        if UPCAST:
+            out = tl.dot(h, v.to(tl.float32), acc * rescale[:, None], input_precision=PRECISION,
+                         out_dtype=ACC)  # fmt: skip
+        elif SCALE_OPS:
+            scale = _pow2_scale(tl.max(tl.abs(h), axis=1))
+            op = (h * scale[:, None]).to(OP_DTYPE)
+            out = tl.dot(op, v, acc * (rescale * scale)[:, None], input_precision=PRECISION,
+                         out_dtype=ACC)  # fmt: skip
+            out = out * (1.0 / scale)[:, None]
+        else:
+            out = tl.dot(h.to(OP_DTYPE), v, acc * rescale[:, None], input_precision=PRECISION,
+                         out_dtype=ACC)  # fmt: skip
+        return out
