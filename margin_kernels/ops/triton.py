@@ -49,6 +49,11 @@ except ImportError:  # importing margin_kernels never fails for lack of Triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+if HAS_TRITON and INTERPRET:
+    from ._interpreter_compat import fix_scalar_index
+
+    fix_scalar_index()  # Triton 3.6's interpreter under NumPy >= 2.4: see that module
+
 __all__ = ["HAS_TRITON", "INTERPRET", "lse_parts", "unavailable_reason"]
 
 # Non-target logit families: every kind's f_ij is one of these functions of (d, nx, nw).
