@@ -24,6 +24,17 @@ from .spec import MarginSpec
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `selftest` is imported on first use, so that `python -m margin_kernels.selftest` does not
+    # find it half-imported; the module is callable: mk.selftest(quick=False) -> bool
+    if name == "selftest":
+        from . import selftest
+
+        return selftest
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "MarginSpec",
     "arcface_loss",
@@ -40,6 +51,7 @@ __all__ = [
     "ops",
     "reference",
     "sample_margin_regularization",
+    "selftest",
     "so_softmax_loss",
     "sphereface_loss",
     "w_softmax_loss",
