@@ -62,9 +62,9 @@ class MarginSpec:
     Attributes:
         kind: one of ``KIND_IDS``.
         s: logit scale (cosface, arcface, combined, lm_softmax).
-        m: margin. Integer 1..MAX_PSI_M (16) for the psi kinds (lsoftmax, sphereface); an angle in radians
-            for arcface; an additive cosine margin for cosface; the SO-Softmax margin; the
-            additive logit margin of soft_margin (the EM-Softmax head).
+        m: margin. Integer 1..MAX_PSI_M (16) for the psi kinds (lsoftmax, sphereface); an angle
+            in radians for arcface; an additive cosine margin for cosface; the SO-Softmax margin;
+            the additive logit margin of soft_margin (the EM-Softmax head).
         m1, m2, m3: combined margin ``s (cos(m1 theta + m2) - m3)``.
         lam: psi blending ``(lam c + psi(c)) / (1 + lam)`` for lsoftmax and sphereface.
         lambda_p, lambda_n: SO-Softmax scales of the target and non-target terms.
