@@ -113,9 +113,7 @@ class MarginSpec:
         kind = self.kind
         if kind in ("lsoftmax", "sphereface"):
             if float(self.m) != int(self.m) or not 1 <= self.m <= MAX_PSI_M:
-                raise ValueError(
-                    f"m must be an integer in 1..{MAX_PSI_M} for {kind}, got {self.m}"
-                )
+                raise ValueError(f"m must be an integer in 1..{MAX_PSI_M} for {kind}, got {self.m}")
             if self.lam < 0:
                 raise ValueError(f"lam must be >= 0, got {self.lam}")
         elif kind == "arcface":
