@@ -29,9 +29,9 @@ def __getattr__(name: str):
     # `selftest` is imported on first use, so that `python -m margin_kernels.selftest` does not
     # find it half-imported; the module is callable: mk.selftest(quick=False) -> bool
     if name == "selftest":
-        from . import selftest
+        import importlib
 
-        return selftest
+        return importlib.import_module(f"{__name__}.selftest")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
