@@ -323,13 +323,26 @@ def run_cases(
         if backends is not None:
             names = [n for n in names if n in backends]
         for case in cases(device, quick):
-            results += run_case(case, device, names)
+            done = run_case(case, device, names)
+            results += done
             if progress is not None:
-                progress.write(".")
+                # one mark per case, and a failure's detail at once: a run stopped by a time
+                # limit still shows what it found
+                progress.write("".join("." if r.ok else "F" for r in done))
+                for r in done:
+                    if not r.ok:
+                        progress.write(f"\nFAIL {_failure_line(r)}\n")
                 progress.flush()
     if progress is not None:
         progress.write("\n")
     return results
+
+
+def _failure_line(r: CaseResult) -> str:
+    detail = r.failure or ", ".join(
+        f"{k} {r.errors[k]:.1e} > {r.bounds[k]:.1e}" for k in r.errors if r.errors[k] > r.bounds[k]
+    )
+    return f"{r.device} {r.backend} {DTYPE_NAMES[r.case.dtype]} {r.case.label}: {detail}"
 
 
 def format_table(results: Sequence[CaseResult]) -> list[str]:
@@ -358,15 +371,7 @@ def format_table(results: Sequence[CaseResult]) -> list[str]:
     if failures:
         lines.append("")
         lines.append("failed cases:")
-    for r in failures:
-        detail = r.failure or ", ".join(
-            f"{k} {r.errors[k]:.1e} > {r.bounds[k]:.1e}"
-            for k in r.errors
-            if r.errors[k] > r.bounds[k]
-        )
-        lines.append(
-            f"  {r.device} {r.backend} {DTYPE_NAMES[r.case.dtype]} {r.case.label}: {detail}"
-        )
+    lines += [f"  {_failure_line(r)}" for r in failures]
     return lines
 
 
