@@ -136,8 +136,12 @@ fi
 
 begin=$(date +%s)
 {
-    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name())"
+    command -v nvidia-smi >/dev/null &&
+        timeout "$CAP_DEVICE" nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    timeout "$CAP_DEVICE" "$PY" -c "import platform, torch, triton
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device visible'
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
+      'python', platform.python_version(), 'device', gpu)"
 } >>"$DEVICE_TXT" 2>&1
 step build "$CAP_BUILD" "$OUT/build.log" "$PY" setup.py build_ext --inplace ||
     tail -20 "$OUT/build.log"
