@@ -149,3 +149,18 @@ def test_command_line_prints_versions_and_exits_0():
     assert "RuntimeWarning" not in proc.stderr  # not half-imported by the package
     assert "Triton" in proc.stdout and "selftest passed" in proc.stdout
     assert _rows(proc.stdout)
+
+
+def test_a_backend_that_cannot_run_a_spec_is_skipped_with_its_reason(monkeypatch):
+    from margin_kernels import ops
+
+    def reason(name, device, spec):
+        return "no W-Softmax kernel" if spec.kind == "w_softmax" else None
+
+    monkeypatch.setattr(ops, "_reason", reason)
+    case = st.Case("w_softmax", st.KIND_SPECS["w_softmax"], torch.float32)
+    (result,) = st.run_case(case, CPU, ["cuda"])
+    assert result.ok and result.skipped == "no W-Softmax kernel" and not result.errors
+    table = "\n".join(st.format_table([result]))
+    assert "skipped (1 cases):" in table and "no W-Softmax kernel" in table
+    assert not _rows(table)
