@@ -23,6 +23,17 @@ from .functional import (
 from .ops import available_backends
 from .spec import MarginSpec
 
+
+def __getattr__(name: str):
+    # `selftest` is imported on first use, so that `python -m margin_kernels.selftest` does not
+    # find it half-imported; the module is callable: mk.selftest(quick=False) -> bool
+    if name == "selftest":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.selftest")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "MarginSpec",
     "__version__",
@@ -40,6 +51,7 @@ __all__ = [
     "ops",
     "reference",
     "sample_margin_regularization",
+    "selftest",
     "so_softmax_loss",
     "sphereface_loss",
     "w_softmax_loss",
