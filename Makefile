@@ -14,8 +14,9 @@ OLDEST_PY := $(CURDIR)/$(OLDEST_VENV)/bin/python
 # torch 2.11) never replaces the one of .venv in margin_kernels/
 OLDEST_SRC := $(OLDEST_VENV)/src
 # what the tests import besides torch (both legs); pytorch-metric-learning brings tqdm and
-# scikit-learn and accepts any torch >= 1.6, so it never replaces the pinned torch
-TEST_DEPS := ninja pytest numpy hypothesis pytorch-metric-learning tqdm matplotlib scikit-learn
+# scikit-learn and accepts any torch >= 1.6, so it never replaces the pinned torch; `build` makes
+# the sdist of the packaging test
+TEST_DEPS := ninja pytest numpy hypothesis pytorch-metric-learning tqdm matplotlib scikit-learn build
 # Build for Hopper when no GPU is visible (torch's arch detection needs one otherwise).
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
@@ -99,7 +100,7 @@ bench-wheels:
 	$(BENCH_PYTHON) bench/wheels.py --dest .whl
 
 clean:
-	rm -rf build dist *.egg-info margin_kernels/*.so $(VENV) $(OLDEST_VENV)
+	rm -rf build dist *.egg-info margin_kernels/*.so margin_kernels/_build_info.py $(VENV) $(OLDEST_VENV)
 
 # Mutation check (not part of `make test`; tens of minutes): plausible bugs applied one at a
 # time to a temporary copy of the tree, tests/mutation/REPORT.md says which survive.
