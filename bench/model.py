@@ -1602,6 +1602,11 @@ def kernel_row(c: KernelCost) -> dict:
         "predicted_compute_ms": 1e3 * c.compute_s,
         "predicted_memory_ms": 1e3 * c.memory_s,
         "predicted_atomic_ms": 1e3 * c.atomic_s,
+        "predicted_l2_ms": 1e3 * c.l2_s,
+        # the compute term's parts: MMAs at the tiles' rate, exposed tile loads (chip time)
+        "predicted_mma_ms": 1e3 * (c.mma_flops / c.mma_rate if c.mma_flops else 0.0),
+        "predicted_stall_ms": 1e3 * c.stall_s,
+        "mma_tflops": c.mma_rate / 1e12,
         "predicted_ms": 1e3 * c.time_s,
         "bound": c.bound,
         "note": c.note,
@@ -1706,6 +1711,9 @@ def detail_markdown(machine: Machine, shape: Shape, provider: str, design: str) 
             f"{r['predicted_compute_ms']:.3f}",
             f"{r['predicted_memory_ms']:.3f}",
             f"{r['predicted_atomic_ms']:.3f}",
+            f"{r['predicted_l2_ms']:.3f}",
+            f"{r['mma_tflops']:.0f}",
+            f"{r['predicted_stall_ms']:.3f}",
             f"{r['predicted_ms']:.3f}",
             r["bound"],
         )
@@ -1724,6 +1732,9 @@ def detail_markdown(machine: Machine, shape: Shape, provider: str, design: str) 
         "compute ms (pred.)",
         "memory ms (pred.)",
         "atomics ms (pred.)",
+        "L2 ms (pred.)",
+        "MMA TFLOP/s (pred.)",
+        "load stall ms (pred.)",
         "predicted ms",
         "bound",
     )
