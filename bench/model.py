@@ -344,7 +344,8 @@ def evaluate(cost: KernelCost, machine: Machine, a: Assumptions = ASSUMPTIONS) -
 
 
 def triton_mma_fraction(block_m: int, block_n: int, block_k: int, a: Assumptions = ASSUMPTIONS):
-    """Fraction of the bf16 peak a Triton tile loop of this shape reaches (assumption)."""
+    """Fraction of the bf16 peak a Triton tile loop of this shape reaches (assumption; the old
+    design's backward kernels; the new design is costed per product by :func:`mma_fraction`)."""
     small, large = sorted((block_m, block_n))
     fraction = a.triton_mma_fraction[-1][2]
     for min_small, min_large, value in a.triton_mma_fraction:
