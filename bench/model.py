@@ -157,6 +157,28 @@ class Assumptions:
     )
     # K steps narrower than 64 add per-step overhead (fewer MMAs per barrier)
     narrow_k_factor: float = 0.85
+    # New Triton design, one product at a time (``mma_fraction``): the instruction a tile maps
+    # to, the shared-memory bandwidth its operands need, and what a tuned loop keeps of the rest.
+    # wgmma (M = 64 per warpgroup) can reach the dense peak; Hopper runs the legacy mma.sync
+    # (M < 64 per warpgroup) at ~60 % of it (FlashAttention-2 against -3 on H100)
+    wgmma_ceiling: float = 1.0
+    mma_sync_ceiling: float = 0.6
+    # shared memory feeds 128 B/clk per SM (32 banks x 4 B); ldmatrix / wgmma descriptors read
+    # each operand fragment from it once per 16-deep K step
+    smem_bytes_per_clk: int = 128
+    # the best a tuned tile loop keeps (cuBLAS: 790 of 989 TFLOP/s)
+    triton_loop_fraction: float = 0.8
+    # one stage and one resident program per SM: nothing hides a tile step's loads; the
+    # streamed tile (L2 hits, one HBM miss per sharer group) arrives through the SM's L2 port
+    l2_latency_s: float = 0.25e-6  # L2 hit under load (~500 cycles, near and far partitions)
+    l2_port_bytes_per_clk: int = 64  # per SM
+    # aggregate L2 -> SM bandwidth (H100 microbenchmarks: ~5.5-7 TB/s; the low end), both
+    # machines (same chip): the tiles every program re-reads from L2 (W by the row-block
+    # programs of the forward, x by every dW owner) cannot arrive faster
+    l2_bw: float = 5.5e12
+    # the epilogue's dependent ALU chains need ~4 warps per scheduler (16 per SM) to issue at
+    # full rate; fewer resident warps issue proportionally slower
+    warps_to_hide_alu: int = 16
     # register-blocked FMA tiles (fp32 without TF32, fp64): fraction of the FMA rate
     fma_tile_fraction: float = 0.5
     # element-wise work per logit (issue-slot instructions, then MUFU exp2) by role
@@ -177,6 +199,8 @@ class Assumptions:
     mufu_lanes_per_clk: int = 16  # per SM
     # Triton (no warp specialisation): the exponentials and epilogue do not overlap the MMAs
     epilogue_overlaps_mma: bool = False
+    # what-if switch: tile loads hidden behind the MMAs (>= 2 stages or 2 programs per SM)
+    loads_overlap: bool = False
     # L2 share a working set may use and still be re-read from L2 rather than HBM
     l2_usable_fraction: float = 0.5
     launch_s: float = 4e-6  # launch + ramp + tail of one kernel, stream-ordered
@@ -253,12 +277,16 @@ class KernelCost:
     bandwidth_cap: float = math.inf  # bytes/s the resident programs can keep in flight
     launches: int = 1
     fixed_s: float = 0.0  # launch overhead and other latency terms
+    stall_s: float = 0.0  # chip-time of exposed load latency (no pipelining), serial with MMAs
+    issue_efficiency: float = 1.0  # epilogue issue rate left by the resident warps
     min_s: float = 0.0  # floor (host-side issue of small torch ops)
     note: str = ""
     # filled by evaluate()
     compute_s: float = 0.0
     memory_s: float = 0.0
     atomic_s: float = 0.0
+    l2_bytes: float = 0.0  # L2 -> SM traffic of re-read tiles (new Triton design)
+    l2_s: float = 0.0
     time_s: float = 0.0
     bound: str = ""
     wave_efficiency: float = 1.0
@@ -288,8 +316,9 @@ def evaluate(cost: KernelCost, machine: Machine, a: Assumptions = ASSUMPTIONS) -
         epi_s = cost.logits * per_sm_clk / (machine.num_sms * machine.clock_hz)
     else:
         epi_s = 0.0
+    epi_s /= max(cost.issue_efficiency, 1e-9)
     compute = max(mma_s, epi_s) if a.epilogue_overlaps_mma else mma_s + epi_s
-    cost.compute_s = compute / eff
+    cost.compute_s = (compute + cost.stall_s) / eff
     active_fraction = min(1.0, cost.programs / machine.num_sms)
     bandwidth = min(
         machine.hbm_bw,
@@ -298,7 +327,13 @@ def evaluate(cost: KernelCost, machine: Machine, a: Assumptions = ASSUMPTIONS) -
     )
     cost.memory_s = cost.hbm_bytes / bandwidth
     cost.atomic_s = cost.atomics / machine.atomic_rate
-    terms = {"compute": cost.compute_s, "memory": cost.memory_s, "atomics": cost.atomic_s}
+    cost.l2_s = cost.l2_bytes / a.l2_bw
+    terms = {
+        "compute": cost.compute_s,
+        "memory": cost.memory_s,
+        "atomics": cost.atomic_s,
+        "L2": cost.l2_s,
+    }
     cost.bound = max(terms, key=terms.get)
     if cost.bound == "memory" and bandwidth < machine.hbm_bw:
         cost.bound = "latency"  # too few bytes in flight to reach HBM bandwidth
@@ -309,7 +344,8 @@ def evaluate(cost: KernelCost, machine: Machine, a: Assumptions = ASSUMPTIONS) -
 
 
 def triton_mma_fraction(block_m: int, block_n: int, block_k: int, a: Assumptions = ASSUMPTIONS):
-    """Fraction of the bf16 peak a Triton tile loop of this shape reaches (assumption)."""
+    """Fraction of the bf16 peak a Triton tile loop of this shape reaches (assumption; the old
+    design's backward kernels; the new design is costed per product by :func:`mma_fraction`)."""
     small, large = sorted((block_m, block_n))
     fraction = a.triton_mma_fraction[-1][2]
     for min_small, min_large, value in a.triton_mma_fraction:
@@ -319,6 +355,61 @@ def triton_mma_fraction(block_m: int, block_n: int, block_k: int, a: Assumptions
     if 0 < block_k < 64:
         fraction *= a.narrow_k_factor
     return fraction
+
+
+def mma_fraction(
+    m: int,
+    n: int,
+    k: int,
+    num_warps: int,
+    a_in_registers: bool,
+    machine: Machine,
+    a: Assumptions = ASSUMPTIONS,
+) -> float:
+    """Fraction of the dense 16-bit peak one m x n x k product of a Triton tile reaches
+    (assumption, new design).
+
+    M >= 64 maps to wgmma (64 rows per warpgroup; the other warpgroups split N), smaller M to
+    mma.sync (warps over M in 16-row steps, the rest over N). Per 16-deep K step each
+    instruction reads its B fragment (inst_n x 16) and, unless A comes from registers (the
+    softmax weights P of the second product), its A fragment (inst_m x 16) from shared memory;
+    when that needs more than 128 B/clk at the instruction's ceiling, the MMAs wait on shared
+    memory. The result keeps ``triton_loop_fraction`` of that (the rest: barriers, address
+    math, tails) and loses ``narrow_k_factor`` more below 64-deep K."""
+    sm_macs_per_clk = machine.bf16_peak / (2 * machine.num_sms * machine.clock_hz)
+    warpgroups = max(1, num_warps // 4)
+    if m >= 64 and m % 64 == 0:
+        wg_m = min(warpgroups, m // 64)
+        inst_m, inst_n = 64, max(8, n // max(1, warpgroups // wg_m))
+        ceiling = a.wgmma_ceiling
+    else:
+        warps_m = max(1, min(num_warps, m // 16))
+        inst_m, inst_n = max(16, m // warps_m), max(8, n // max(1, num_warps // warps_m))
+        ceiling = a.mma_sync_ceiling
+    macs = inst_m * inst_n * 16
+    operand_bytes = (0 if a_in_registers else inst_m * 16 * 2) + inst_n * 16 * 2
+    needed = ceiling * sm_macs_per_clk * operand_bytes / macs  # B/clk at the ceiling
+    fraction = ceiling * min(1.0, a.smem_bytes_per_clk / needed) * a.triton_loop_fraction
+    return fraction * (a.narrow_k_factor if 0 < k < 64 else 1.0)
+
+
+def product_rate(
+    shape: Shape,
+    machine: Machine,
+    m: int,
+    n: int,
+    k: int,
+    num_warps: int,
+    a_in_registers: bool,
+    a: Assumptions = ASSUMPTIONS,
+) -> float:
+    """FLOP/s of one product of a new-design tile: :func:`mma_fraction` of the 16-bit peak
+    (TF32 scaled alike), or the FMA fraction for FMA tiles."""
+    if shape.dtype in (torch.bfloat16, torch.float16) or uses_tensor_cores(shape):
+        return mma_peak(shape, machine) * mma_fraction(
+            m, n, k, num_warps, a_in_registers, machine, a
+        )
+    return mma_peak(shape, machine) * a.fma_tile_fraction
 
 
 def uses_tensor_cores(shape: Shape) -> bool:
@@ -424,7 +515,7 @@ def cost_of_launch(
     launch: Launch, shape: Shape, machine: Machine, needs_dx: bool, a: Assumptions = ASSUMPTIONS
 ) -> KernelCost:
     """Cost of one launch of the new Triton plan, from its role, tiles, grid and trip counts."""
-    B, S, C, D = shape.batch, shape.sampled, shape.num_classes, shape.dim
+    B, S, D = shape.batch, shape.sampled, shape.dim
     isz, acc = shape.itemsize, shape.acc_size
     programs = math.prod(launch.grid)
     cost = KernelCost(
@@ -443,24 +534,37 @@ def cost_of_launch(
         if covered < needed:
             cost.note = f"plan covers {covered / needed:.2f} of the logits; costed as full"
             covered = needed
+            tile_steps = math.ceil(needed / (bm * bn))
         # D slices: programs that own a slice of D each recompute the full-D logits; the rest of
         # covered / needed is the short last split (its programs stop at the last class tile)
         slices = max(1, round(covered / needed))
         covered = min(covered, slices * needed)
-        # logits (recomputed wherever the plan recomputes them: redundancy included), on the
-        # (block_m x block_n) tile
+        one_k = launch.block_k >= D
+        out_width = max(1, D // slices)
+        warps = max(1, launch.num_warps)
+        # logits (recomputed wherever the plan recomputes them: redundancy included): a
+        # (block_m x block_n) product over K = D, both operands from shared memory
         logit_flops = 2.0 * covered * D
-        logit_s = logit_flops / tile_rate(shape, machine, bm, bn, launch.block_k, a)
-        # the second product writes each output element once: P.W (dX numerator) or P^T.X (dW),
-        # a (rows or classes) x (D / slices) tile with K = the other tile side
+        # (the dW owner orients it classes x rows, so that its M is the class tile)
+        m1, n1 = (bn, bm) if launch.role == "dw" else (bm, bn)
+        logit_s = logit_flops / product_rate(
+            shape, machine, m1, n1, launch.block_k, warps, False, a
+        )
+        # the second product writes each output element once: P.W (dX numerator: rows x D, K =
+        # the class tile) or P^T.X (dW: classes x D, K = the row tile), P from registers
         second = launch.role != "forward" or needs_dx
         second_flops = 2.0 * needed * D if second else 0.0
-        out_width = max(1, D // slices)
-        second_s = second_flops / tile_rate(shape, machine, min(bm, bn), out_width, 64, a)
+        if launch.role == "forward":
+            m2, k2 = bm, bn
+        else:
+            m2, k2 = bn, bm
+        second_s = second_flops / product_rate(shape, machine, m2, out_width, k2, warps, True, a)
         cost.mma_flops = logit_flops + second_flops
         cost.mma_rate = cost.mma_flops / (logit_s + second_s)
         cost.logits = covered
         cost.alu_per_logit = a.alu_per_logit[launch.role]
+        resident_warps = cost.programs_per_sm * warps
+        cost.issue_efficiency = min(1.0, resident_warps / a.warps_to_hide_alu)
         if launch.role == "dw":
             # owners: each W tile is read by the D-slice programs that cover it
             sharers = slices
@@ -468,6 +572,19 @@ def cost_of_launch(
             sharers = max(1, math.ceil(B / (bm * max(1, launch.row_tiles_per_program)))) * slices
         cost.w_passes = w_stream_passes(launch, shape, machine, sharers, a)
         w_bytes = S * D * isz * cost.w_passes
+        # every tile step brings its streamed tile into the SM (from L2 or HBM)
+        streamed_rows = bn if launch.role == "forward" else bm
+        cost.l2_bytes = tile_steps * streamed_rows * D * isz
+        if launch.num_stages <= 1 and cost.programs_per_sm <= 1 and not a.loads_overlap:
+            # no software pipelining and no second program: every tile step waits for its
+            # streamed tile (forward: the W tile, sharers hit L2 after the first; dW: the x
+            # tile, from L2) before its MMAs, through the SM's L2 port
+            streamed = (bn if launch.role == "forward" else bm) * launch.block_k * isz
+            hbm_share = cost.w_passes / max(1, sharers) if launch.role == "forward" else 0.0
+            latency = a.l2_latency_s + hbm_share * (a.mem_latency_s - a.l2_latency_s)
+            transfer = streamed / (a.l2_port_bytes_per_clk * machine.clock_hz)
+            steps_per_k = 1 if one_k else math.ceil(D / max(1, launch.block_k))
+            cost.stall_s = tile_steps * steps_per_k * (latency + transfer) / machine.num_sms
         x_bytes = B * D * isz  # x re-reads across class tiles hit L2 (1 MB at the headline)
         if launch.role == "forward":
             splits = max(1, programs // max(1, math.ceil(B / bm) * slices))
@@ -475,8 +592,9 @@ def cost_of_launch(
             out = splits * B * acc * (2 + (D + 2 if needs_dx else 0))
             cost.note = f"{splits} class splits, {slices} D slice(s)"
         elif launch.role == "dw":
-            # dW written once in W's dtype; Partial-FC also zero-fills the C - S other rows
-            out = C * D * isz
+            # the owners write the S sampled rows of dW once in W's dtype (Partial-FC zero-fills
+            # all C rows beforehand: a separate memset, costed by new_triton_costs)
+            out = S * D * isz
             cost.dw_passes = 1.0
             cost.note = f"{slices} D slice(s); x re-read from L2 by every class tile"
         else:
@@ -635,43 +753,66 @@ def new_triton_launches(shape: Shape, needs_dx: bool, needs_dw: bool, machine: M
     return reference_new_plan(shape, needs_dx, needs_dw, machine.num_sms), "model's reading"
 
 
-TRITON_WHAT_IFS = ("block_n=128", "overlap")
+TRITON_WHAT_IFS = ("pipelined", "wgmma_dw", "block_n=128", "overlap")
 
 
-def _wider_classes(launch: Launch, shape: Shape) -> Launch:
-    """The same launch with 128-class tiles (W tile streamed in 64-wide K steps)."""
-    if launch.role not in GEMM_ROLES or launch.block_n >= 128:
+def _what_if_launch(launch: Launch, what_if: Sequence[str]) -> Launch:
+    """The launch as a what-if variant would configure it (see :func:`new_triton_costs`)."""
+    if launch.role not in GEMM_ROLES:
         return launch
-    factor = 128 // max(1, launch.block_n)
-    if launch.role == "dw":
+    if "wgmma_dw" in what_if and launch.role == "dw" and launch.block_n < 64:
+        factor = 64 // max(1, launch.block_n)
         grid = (math.ceil(launch.grid[0] / factor), *launch.grid[1:])
-        return replace(launch, block_n=128, block_k=min(launch.block_k, 64), grid=grid)
-    per_program = math.ceil(launch.col_tiles_per_program / factor)
-    return replace(launch, block_n=128, block_k=min(launch.block_k, 64),
-                   col_tiles_per_program=per_program)  # fmt: skip
+        launch = replace(launch, block_n=64, grid=grid)
+    if "block_n=128" in what_if and launch.role == "forward" and launch.block_n < 128:
+        factor = 128 // max(1, launch.block_n)
+        per_program = math.ceil(launch.col_tiles_per_program / factor)
+        # the 128 x 512 W tile no longer fits beside x: it streams in 64-deep K steps through
+        # three stages (and is re-read from L2 for the second product)
+        launch = replace(
+            launch,
+            block_n=128,
+            block_k=min(launch.block_k, 64),
+            num_stages=max(launch.num_stages, 3),
+            col_tiles_per_program=per_program,
+        )
+    return launch
 
 
 def new_triton_costs(
     shape: Shape, machine: Machine, backward: bool, what_if: Sequence[str] = ()
 ) -> list[KernelCost]:
-    """Costs of every launch of the new Triton design (forward, + backward when ``backward``).
+    """Costs of every launch of the new Triton design (forward, + backward when ``backward``),
+    plus the memset of dW that Partial-FC runs before the owners write the sampled rows.
 
-    ``what_if`` variants (none by default): "block_n=128" — forward and dW tiles of 128 classes
-    (the logits product on a 64 x 128 tile); "overlap" — exponentials overlapped with the MMAs
-    (warp specialisation / ping-pong), so compute = max(MMA, epilogue)."""
+    ``what_if`` variants (none by default): "pipelined" — each tile step's loads hidden behind
+    the previous step's MMAs (two stages, or two programs per SM); "wgmma_dw" — dW owners of 64
+    classes (M = 64: wgmma instead of mma.sync for both products); "block_n=128" — forward
+    tiles of 128 classes (W in 64-deep K steps, three stages); "overlap" — exponentials
+    overlapped with the MMAs (warp specialisation / ping-pong), compute = max(MMA, epilogue)."""
     unknown = set(what_if) - set(TRITON_WHAT_IFS)
     if unknown:
         raise ValueError(f"unknown Triton what-ifs {sorted(unknown)}; known: {TRITON_WHAT_IFS}")
     launches, _ = new_triton_launches(shape, backward, backward, machine)
     if not backward:
         launches = [launch for launch in launches if launch.phase == "forward"]
-    if "block_n=128" in what_if:
-        launches = [_wider_classes(launch, shape) for launch in launches]
-    a = replace(ASSUMPTIONS, epilogue_overlaps_mma=True) if "overlap" in what_if else ASSUMPTIONS
-    return [
+    launches = [_what_if_launch(launch, what_if) for launch in launches]
+    a = replace(
+        ASSUMPTIONS,
+        epilogue_overlaps_mma="overlap" in what_if,
+        loads_overlap="pipelined" in what_if,
+    )
+    costs = [
         evaluate(cost_of_launch(launch, shape, machine, backward, a), machine, a)
         for launch in launches
     ]
+    if backward and shape.sampled != shape.num_classes:
+        dw_bytes = shape.num_classes * shape.dim * shape.itemsize
+        memset = _torch_pass("backward", "zeros dW (Partial-FC, torch)", dw_bytes, machine)
+        memset.dw_passes = 1.0
+        at = next((i for i, c in enumerate(costs) if c.role == "dw"), len(costs))
+        costs.insert(at, memset)
+    return costs
 
 
 # --------------------------------------------------------------------------------------------
@@ -975,7 +1116,7 @@ def _scaled(cost: KernelCost, times: int) -> KernelCost:
     """``times`` identical launches of one kernel, as one row."""
     for name in ("mma_flops", "logits", "hbm_bytes", "atomics", "w_passes", "dw_passes"):
         setattr(cost, name, getattr(cost, name) * times)
-    for name in ("compute_s", "memory_s", "atomic_s", "time_s"):
+    for name in ("compute_s", "memory_s", "atomic_s", "l2_s", "time_s"):
         setattr(cost, name, getattr(cost, name) * times)
     cost.launches *= times
     cost.kernel = f"{cost.kernel} [x{times}]"
@@ -1176,6 +1317,7 @@ def _merge(into: KernelCost, other: KernelCost) -> None:
         "compute_s",
         "memory_s",
         "atomic_s",
+        "l2_s",
         "time_s",
     ):
         setattr(into, name, getattr(into, name) + getattr(other, name))
@@ -1223,29 +1365,18 @@ def new_cuda_plan(shape: Shape):
     return reference_chunk_plan(shape), "model's reading"
 
 
-CUDA_FIXES = ("dz16", "fused_chain", "norms_once")
+def new_cuda_costs(shape: Shape, machine: Machine, backward: bool) -> list[KernelCost]:
+    """Class chunks as the launcher runs them (the ``chunk_plan`` sizes, the cuBLAS calls and
+    ops of ``_ChunkedMarginLSE``). Per chunk of S_c classes and all B rows:
 
-
-def new_cuda_costs(
-    shape: Shape, machine: Machine, backward: bool, fixes: frozenset[str] = frozenset()
-) -> list[KernelCost]:
-    """Class chunks as the launcher runs them (the ``chunk_plan`` sizes, the torch ops of the
-    class-chunk ``_ChunkedMarginLSE``). Per chunk of S_c classes and all B rows:
-
-    forward: W_c's norms (a pass over W_c), z_c = x W_c^T (cuBLAS, fp32 out), the online-LSE
-    epilogue (reads z_c);
-    backward: W_c's norms again, z_c recomputed (fp32 out), the epilogue overwrites z_c with dz in
-    fp32, a torch cast of dz to 16 bits (the GEMM operand), dX += dz W_c (fp32 out), H_c = dz^T x
-    (fp32 out), the column-norm term in torch (raw norms, W_c cast to fp32, row dots H_c . W_c,
-    ``addcmul_``) and a copy of H_c into dW's rows in W's dtype.
-
-    ``fixes`` (what-if variants, none by default): "dz16" — the backward epilogue writes dz
-    straight into the 16-bit operand buffer (no fp32 write, no cast pass); "fused_chain" — one
-    kernel reads H_c (fp32) and W_c and writes dW_c with the column-norm term; "norms_once" — W's
-    norms from the forward are kept (4 bytes a class) instead of recomputed per chunk."""
-    unknown = set(fixes) - set(CUDA_FIXES)
-    if unknown:
-        raise ValueError(f"unknown CUDA what-if fixes {sorted(unknown)}; known: {CUDA_FIXES}")
+    forward: W_c's raw norms (a pass over W_c, kept in an O(C) buffer for the backward),
+    z_c = x W_c^T (cuBLAS, fp32 out), the online-LSE epilogue (reads z_c);
+    backward: z_c recomputed (fp32 out), the epilogue reads it and writes dL/dz once in the
+    16-bit input dtype (the GEMM operand: no fp32 dz, no cast pass), dX += dz W_c (fp32-output
+    GEMM + add into the fp32 accumulator), H_c = dz^T x (fp32 out), then one
+    ``margin_column_chain`` pass reads H_c and W_c and writes dW_c once in W's dtype with the
+    column-norm term. Partial-FC gathers W_c in both passes, zero-fills dW and scatters the
+    chunk's rows."""
     B, S, C, D = shape.batch, shape.sampled, shape.num_classes, shape.dim
     isz, acc = shape.itemsize, shape.acc_size
     plan, _ = new_cuda_plan(shape)
@@ -1253,7 +1384,7 @@ def new_cuda_costs(
     lsz = torch.empty((), dtype=plan.logits_dtype).element_size()
     blocks = math.prod(plan.epilogue_grid)
     threads = plan.threads_per_block
-    half = isz < lsz  # 16-bit storage: dz cast, fp32 H_c beside dW
+    half = isz < lsz  # 16-bit storage: dz in the storage dtype, fp32 H_c beside dW
     sampled = S != C
     full, last = divmod(S, sc)
     sizes = [sc] * full + ([last] if last else [])
@@ -1277,7 +1408,7 @@ def new_cuda_costs(
 
     if sampled:
         costs.append(w_pass("forward", "index_select W_c (Partial-FC gather)", 2 * isz, 1, 1.0))
-    costs.append(w_pass("forward", "norms of W_c (torch)", isz, 2, 1.0))
+    costs.append(w_pass("forward", "norms of W_c, kept (torch)", isz, 2, 1.0))
     costs.append(
         per_chunk(
             lambda n: gemm_cost(
@@ -1300,8 +1431,6 @@ def new_cuda_costs(
     if sampled:
         costs.append(_torch_pass("backward", "zeros dW (Partial-FC)", C * D * isz, machine))
         costs.append(w_pass("backward", "index_select W_c (Partial-FC gather)", 2 * isz, 1, 1.0))
-    if "norms_once" not in fixes:
-        costs.append(w_pass("backward", "norms of W_c again (torch)", isz, 2, 1.0))
     costs.append(
         per_chunk(
             lambda n: gemm_cost(
@@ -1310,22 +1439,15 @@ def new_cuda_costs(
             )
         )
     )  # fmt: skip
+    dz_name = "margin_lse_bwd (dz in the input dtype)" if half else "margin_lse_bwd (dz in place)"
     costs.append(
         per_chunk(
             lambda n: _epilogue(
-                "backward", "margin_lse_bwd (dz in place, fp32)", blocks, threads, B * n,
-                B * n * (lsz + (isz if "dz16" in fixes else lsz)), "epilogue_bwd", shape, machine,
+                "backward", dz_name, blocks, threads, B * n, B * n * (lsz + min(isz, lsz)),
+                "epilogue_bwd", shape, machine,
             )
         )
     )  # fmt: skip
-    if half and "dz16" not in fixes:
-        costs.append(
-            per_chunk(
-                lambda n: _torch_pass(
-                    "backward", "cast dz fp32 -> 16-bit (torch)", B * n * (lsz + isz), machine
-                )
-            )
-        )
     costs.append(
         per_chunk(
             lambda n: gemm_cost(
@@ -1342,27 +1464,15 @@ def new_cuda_costs(
             )
         )
     )  # fmt: skip
-    if "fused_chain" in fixes:
-        # one pass: read H_c and W_c, write dW_c in W's dtype
-        costs.append(
-            w_pass("backward", "column-norm term + dW_c write (fused)", acc + 2 * isz, 1, 1.0)
-        )
-        costs[-1].dw_passes = 1.0
-        if sampled:
-            costs.append(w_pass("backward", "scatter dW_c rows (Partial-FC)", 3 * isz, 1))
-    else:
-        # torch: raw norm (read W_c); W_c.to(fp32) (read, write fp32); einsum H_c . W_c (read
-        # both fp32); addcmul_ (read H_c, W_c, write H_c)
-        chain = isz + (isz + acc) + 2 * acc + (2 * acc + isz) if half else 5 * acc
-        costs.append(w_pass("backward", "column-norm term on H_c (torch)", chain, 6, 3.0))
-        costs[-1].note = "reads W_c three more times and H_c (fp32) three times"
-        if sampled:
-            # h_c.to(W dtype), then index_add_/index_put_ into the zeroed dW rows
-            costs.append(w_pass("backward", "H_c -> dW rows (cast + scatter)", acc + 4 * isz, 2))
-            costs[-1].dw_passes = 1.0
-        elif half:
-            costs.append(w_pass("backward", "copy H_c (fp32) into dW rows", acc + isz, 1))
-            costs[-1].dw_passes = 1.0
+    # margin_column_chain: read H_c (fp32 for 16-bit W) and W_c, write dW_c in W's dtype
+    h_size = acc if half else isz
+    costs.append(
+        w_pass("backward", "margin_column_chain (dW_c written once)", h_size + 2 * isz, 1, 1.0)
+    )
+    costs[-1].dw_passes = 1.0
+    if sampled:
+        # index_put_(accumulate=True) of the chunk's rows into the zeroed dW (sorted indices)
+        costs.append(w_pass("backward", "scatter dW_c rows (Partial-FC)", 3 * isz, 2))
     costs.append(
         _torch_pass("backward", "row terms, dX cast (O(B D))", 12 * B * D * acc, machine, 14)
     )
@@ -1493,6 +1603,11 @@ def kernel_row(c: KernelCost) -> dict:
         "predicted_compute_ms": 1e3 * c.compute_s,
         "predicted_memory_ms": 1e3 * c.memory_s,
         "predicted_atomic_ms": 1e3 * c.atomic_s,
+        "predicted_l2_ms": 1e3 * c.l2_s,
+        # the compute term's parts: MMAs at the tiles' rate, exposed tile loads (chip time)
+        "predicted_mma_ms": 1e3 * (c.mma_flops / c.mma_rate if c.mma_flops else 0.0),
+        "predicted_stall_ms": 1e3 * c.stall_s,
+        "mma_tflops": c.mma_rate / 1e12,
         "predicted_ms": 1e3 * c.time_s,
         "bound": c.bound,
         "note": c.note,
@@ -1597,6 +1712,9 @@ def detail_markdown(machine: Machine, shape: Shape, provider: str, design: str) 
             f"{r['predicted_compute_ms']:.3f}",
             f"{r['predicted_memory_ms']:.3f}",
             f"{r['predicted_atomic_ms']:.3f}",
+            f"{r['predicted_l2_ms']:.3f}",
+            f"{r['mma_tflops']:.0f}",
+            f"{r['predicted_stall_ms']:.3f}",
             f"{r['predicted_ms']:.3f}",
             r["bound"],
         )
@@ -1615,6 +1733,9 @@ def detail_markdown(machine: Machine, shape: Shape, provider: str, design: str) 
         "compute ms (pred.)",
         "memory ms (pred.)",
         "atomics ms (pred.)",
+        "L2 ms (pred.)",
+        "MMA TFLOP/s (pred.)",
+        "load stall ms (pred.)",
         "predicted ms",
         "bound",
     )
@@ -1630,18 +1751,19 @@ WHAT_IF_SHAPES = ("headline", "C=1e7")
 
 def what_if_rows(machine: Machine) -> list[dict]:
     """The new designs with the changes the model suggests, one at a time and together."""
+
+    def triton(what_if):
+        return lambda sh: new_triton_costs(sh, machine, True, what_if)
+
     variants = [
-        ("triton", "as planned", lambda sh: new_triton_costs(sh, machine, True)),
-        ("triton", "block_n=128", lambda sh: new_triton_costs(sh, machine, True, ["block_n=128"])),
-        ("triton", "exp overlapped", lambda sh: new_triton_costs(sh, machine, True, ["overlap"])),
-        ("triton", "both", lambda sh: new_triton_costs(sh, machine, True, TRITON_WHAT_IFS)),
-        ("cuda", "as planned", lambda sh: new_cuda_costs(sh, machine, True)),
-        ("cuda", "16-bit dz from the epilogue",
-         lambda sh: new_cuda_costs(sh, machine, True, frozenset({"dz16"}))),
-        ("cuda", "fused column-norm + dW write",
-         lambda sh: new_cuda_costs(sh, machine, True, frozenset({"fused_chain"}))),
-        ("cuda", "all three (+ W norms kept)",
-         lambda sh: new_cuda_costs(sh, machine, True, frozenset(CUDA_FIXES))),
+        ("triton", "as merged", triton(())),
+        ("triton", "pipelined loads (2 stages or 2 programs/SM)", triton(("pipelined",))),
+        ("triton", "dW owners of 64 classes (wgmma)", triton(("wgmma_dw",))),
+        ("triton", "pipelined + wgmma dW", triton(("pipelined", "wgmma_dw"))),
+        ("triton", "pipelined + wgmma dW + exp overlapped",
+         triton(("pipelined", "wgmma_dw", "overlap"))),
+        ("triton", "all four (+ 128-class forward tiles)", triton(TRITON_WHAT_IFS)),
+        ("cuda", "as merged", lambda sh: new_cuda_costs(sh, machine, True)),
     ]  # fmt: skip
     rows = []
     for shape in (s for s in SHAPES if s.name in WHAT_IF_SHAPES):

@@ -163,10 +163,115 @@ def test_new_cuda_reads_each_chunk_of_w_once_per_gemm(model):
     assert gemm_w == pytest.approx(3.0)  # forward, recompute, dX: each chunk of W once
     plan, _ = model.new_cuda_plan(shape)
     assert plan.classes_per_chunk * plan.num_chunks >= shape.sampled
-    fixed = model.new_cuda_costs(shape, model.MACHINES["h200"], True, frozenset(model.CUDA_FIXES))
-    assert model.total_ms(fixed) < model.total_ms(costs)
-    with pytest.raises(ValueError, match="what-if"):
-        model.new_cuda_costs(shape, model.MACHINES["h200"], True, frozenset({"magic"}))
+
+
+def test_new_cuda_costs_the_merged_backward(model):
+    """W's norms once (forward), dz written once in bf16 by the epilogue (no cast pass), one
+    fused column-norm pass that writes dW once: W is streamed by exactly two non-GEMM passes."""
+    shape = model.SHAPES[0]
+    costs = model.new_cuda_costs(shape, model.MACHINES["h200"], backward=True)
+    B, S, D = shape.batch, shape.sampled, shape.dim
+    assert sum(c.w_passes for c in costs if c.role != "gemm") == pytest.approx(2.0)
+    assert sum(c.dw_passes for c in costs) == pytest.approx(1.0)
+    assert not [c for c in costs if "cast dz" in c.kernel]
+    bwd = next(c for c in costs if c.role == "epilogue_bwd")
+    assert bwd.hbm_bytes == pytest.approx(B * S * (4 + 2))  # read fp32 z, write bf16 dz
+    chain = next(c for c in costs if "column_chain" in c.kernel)
+    assert chain.hbm_bytes == pytest.approx(S * D * (4 + 2 + 2))  # H_c fp32, W_c, dW_c
+
+
+def test_mma_fraction_follows_the_instruction_and_its_operands(model):
+    h100 = model.MACHINES["h100"]
+    a = model.ASSUMPTIONS
+    best = a.wgmma_ceiling * a.triton_loop_fraction
+    # a 64 x 128 tile at 8 warps: wgmma of N = 64 per warpgroup, shared memory keeps up
+    assert model.mma_fraction(64, 128, 64, 8, False, h100) == pytest.approx(best)
+    # 64 x 32: N = 16 per warpgroup, the A fragment re-read per instruction starves it
+    forward = model.mma_fraction(64, 32, 512, 8, False, h100)
+    assert forward < 0.6 * best
+    # 32 rows: no wgmma; mma.sync's ceiling caps it below the forward's logits
+    dw = model.mma_fraction(32, 32, 512, 8, False, h100)
+    assert dw <= a.mma_sync_ceiling * a.triton_loop_fraction and dw < forward
+    # the second product takes P from registers: only B is read from shared memory
+    assert model.mma_fraction(64, 512, 64, 8, True, h100) == pytest.approx(best)
+    assert model.mma_fraction(64, 512, 32, 8, True, h100) == pytest.approx(best * a.narrow_k_factor)
+
+
+def test_single_stage_one_program_exposes_every_tile_load(model):
+    shape = _shape(model)
+    h100 = model.MACHINES["h100"]
+    S, B, D = shape.sampled, shape.batch, shape.dim
+    one = model.Launch("backward", "k_dw", "dw", (S // 32,), 32, 32, D, 8, 1, B // 32, 1, "cls")
+    two = model.Launch("backward", "k_dw", "dw", (S // 32,), 32, 32, D, 8, 2, B // 32, 1, "cls")
+    four_warps = model.Launch("backward", "k_dw", "dw", (S // 32,), 32, 32, D, 4, 1, B // 32,
+                              1, "cls")  # fmt: skip
+    stalled = model.cost_of_launch(one, shape, h100, needs_dx=True)
+    piped = model.cost_of_launch(two, shape, h100, needs_dx=True)
+    a = model.ASSUMPTIONS
+    steps = (S // 32) * (B // 32)
+    per_step = a.l2_latency_s + 32 * D * 2 / (a.l2_port_bytes_per_clk * h100.clock_hz)
+    assert stalled.stall_s == pytest.approx(steps * per_step / h100.num_sms)
+    assert piped.stall_s == 0
+    # two resident programs per SM (4 warps) hide each other's loads
+    assert model.cost_of_launch(four_warps, shape, h100, needs_dx=True).stall_s == 0
+    # one 8-warp program per SM issues the epilogue at half rate
+    assert stalled.issue_efficiency == pytest.approx(8 / a.warps_to_hide_alu)
+    # every owner re-reads all of x from L2
+    assert stalled.l2_bytes == pytest.approx((S // 32) * B * D * 2)
+    ev = model.evaluate(stalled, h100)
+    assert ev.time_s > model.evaluate(piped, h100).time_s
+
+
+def test_new_triton_costs_the_plans_tiles(model):
+    """The costs follow the launchers' plan: exposed loads exactly where a GEMM-shaped launch has
+    one stage (one program per SM at 8 warps), mma.sync rates for tiles under 64 rows/classes."""
+    shape = model.SHAPES[0]
+    h200 = model.MACHINES["h200"]
+    launches, source = model.new_triton_launches(shape, True, True, h200)
+    if source != "margin_kernels.ops.triton.config.plan":
+        pytest.skip("the Triton launch configuration is not importable")
+    costs = model.new_triton_costs(shape, h200, True)
+    gemm = [
+        (launch, cost)
+        for launch, cost in zip(launches, costs, strict=True)
+        if cost.role in ("forward", "dw")
+    ]
+    assert len(gemm) == 2
+    for launch, cost in gemm:
+        assert cost.role == launch.role
+        single = (
+            launch.num_stages <= 1 and model.programs_per_sm(launch.role, launch.num_warps) == 1
+        )
+        assert (cost.stall_s > 0) == single
+        assert cost.mma_rate < h200.bf16_peak * model.ASSUMPTIONS.triton_loop_fraction
+        if min(launch.block_m, launch.block_n) < 64:
+            m1 = launch.block_n if launch.role == "dw" else launch.block_m
+            ceiling = model.ASSUMPTIONS.mma_sync_ceiling if m1 < 64 else 1.0
+            assert cost.mma_rate < ceiling * h200.bf16_peak
+
+
+def test_triton_what_ifs_each_lower_the_prediction(model):
+    shape = model.SHAPES[0]
+    h100 = model.MACHINES["h100"]
+    base = model.total_ms(model.new_triton_costs(shape, h100, True))
+    previous = base
+    for k in range(1, len(model.TRITON_WHAT_IFS) + 1):
+        ms = model.total_ms(model.new_triton_costs(shape, h100, True, model.TRITON_WHAT_IFS[:k]))
+        assert ms < previous
+        previous = ms
+    with pytest.raises(ValueError, match="what-ifs"):
+        model.new_triton_costs(shape, h100, True, ["magic"])
+
+
+def test_partial_fc_triton_zero_fills_dw_then_owners_write_sampled_rows(model):
+    shape = model.SHAPES[2]
+    assert shape.sampled < shape.num_classes
+    costs = model.new_triton_costs(shape, model.MACHINES["h100"], True)
+    memset = [c for c in costs if c.kernel.startswith("zeros dW")]
+    assert len(memset) == 1
+    assert memset[0].hbm_bytes == shape.num_classes * shape.dim * shape.itemsize
+    dw = next(c for c in costs if c.role == "dw")
+    assert dw.hbm_bytes < shape.num_classes * shape.dim * shape.itemsize
 
 
 def test_tables_build_for_every_shape_and_machine(model):

@@ -38,6 +38,14 @@ def _import(name: str) -> tuple[ModuleType | None, str | None]:
 _LOADED = {name: _import(name) for name in _COMPILED}
 
 
+# The order "auto" tries the compiled backends in on a CUDA device: the one the performance
+# model predicts faster at the headline shape first (ops.cuda.AUTO_PREFERRED_ON_GPU, with the
+# predicted numbers), until a GPU measurement replaces the prediction.
+_cuda_module = _LOADED["cuda"][0]
+_PREFERRED_ON_GPU = getattr(_cuda_module, "AUTO_PREFERRED_ON_GPU", "triton")
+_AUTO_GPU_ORDER = [_PREFERRED_ON_GPU] + [n for n in _COMPILED if n != _PREFERRED_ON_GPU]
+
+
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
     return _LOADED[name]
 
@@ -55,7 +63,8 @@ def available_backends(device: torch.device | str, spec: MarginSpec) -> list[str
 
 def resolve(backend: str, device: torch.device, spec: MarginSpec) -> tuple[str, Callable]:
     """``(name, lse_parts)`` of the backend to run. "auto" never raises: on a CUDA device it
-    takes the first compiled backend that can run (triton, then cuda), else the reference. A
+    takes the first compiled backend that can run, in ``_AUTO_GPU_ORDER`` (the model-predicted
+    faster one first: cuda, then triton), else the reference. A
     named compiled backend that cannot run raises ``RuntimeError`` saying what is missing."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -74,7 +83,7 @@ def resolve(backend: str, device: torch.device, spec: MarginSpec) -> tuple[str, 
         from .. import reference
 
         return "torch", reference.lse_parts
-    candidates = list(_COMPILED) if backend == "auto" else [backend]
+    candidates = _AUTO_GPU_ORDER if backend == "auto" else [backend]
     for name in candidates:
         reason = _reason(name, device, spec)
         if reason is None:

@@ -61,6 +61,7 @@ _EXT_IMPORT_ERROR: str | None = _extension.LOAD_ERROR
 
 __all__ = [
     "AUTO_CROSSOVER_MEASURED",
+    "AUTO_PREFERRED_ON_GPU",
     "CHUNK_BYTES_ENV",
     "CPU_AUTO_NO_SLOWER",
     "DEFAULT_CHUNK_BYTES",
@@ -73,8 +74,14 @@ __all__ = [
 ]
 
 # Where "auto" should prefer this backend over triton on a GPU has not been measured (no GPU was
-# available while it was written), so ops.resolve keeps trying triton first there.
+# available while it was written); until it is, the order follows the performance model.
 AUTO_CROSSOVER_MEASURED = False
+
+# "auto" on a CUDA device tries this backend first where both can run. bench/model.py predicts
+# (no GPU ran) forward + backward at the headline shape, bf16 ArcFace B=1024 D=512 C=10^6:
+# this backend 10.3 ms (2.6x the three bare GEMMs) against triton 23.0 ms (5.7x) on an H200,
+# 11.9 ms against 23.0 ms on an H100 (docs/performance_model.md). Replace by a measurement.
+AUTO_PREFERRED_ON_GPU = "cuda"
 
 # On CPU, bench/results/cpu_chunks.csv measured this backend's forward + backward against the
 # torch reference at B=256, D=512, C=10^5 float32 ArcFace (2 shared cores, three runs): no slower
