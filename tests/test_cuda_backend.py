@@ -519,11 +519,14 @@ def test_missing_extension_names_the_fix(monkeypatch):
     assert "cuda" not in mk.ops.available_backends("cpu", MarginSpec.cosface())
 
 
-def test_auto_prefers_triton_until_measured():
+def test_auto_order_on_gpu_follows_the_model_until_measured():
+    """No GPU measurement has replaced the performance model's prediction yet: "auto" on CUDA
+    tensors tries the backend the model predicts faster at the headline shape first."""
     assert cuda_backend.AUTO_CROSSOVER_MEASURED is False
-    from margin_kernels.ops import _COMPILED
+    from margin_kernels.ops import _AUTO_GPU_ORDER
 
-    assert next(iter(_COMPILED)) == "triton"
+    assert _AUTO_GPU_ORDER[0] == cuda_backend.AUTO_PREFERRED_ON_GPU == "cuda"
+    assert set(_AUTO_GPU_ORDER) == {"cuda", "triton"}
 
 
 def _tolerance(dtype: torch.dtype, reference: torch.Tensor, label: str) -> dict:
