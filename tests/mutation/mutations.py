@@ -152,7 +152,7 @@ MUTATIONS = [
             ),
         ),
         "reference: the negatives' LSE keeps the target column",
-        (T_REFERENCE,),
+        (T_VALUES, T_REFERENCE),
     ),
     Mutation(
         "mean_divides_by_batch",
