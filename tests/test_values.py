@@ -17,19 +17,21 @@ import pytest
 import torch
 
 import margin_kernels as mk
+from margin_kernels import reference
+from margin_kernels.spec import MarginSpec
 
 
 def load_demo():
-    """The demo module: a top-level ``demo`` package when the repository has one, else the
-    package's ``margin_kernels.demo``."""
-    for name in ("demo", "margin_kernels.demo"):
+    """The demo module that holds ``angle_metrics``: ``demo.run`` of the top-level demo
+    package (earlier layouts: ``demo``, ``margin_kernels.demo``)."""
+    for name in ("demo.run", "demo", "margin_kernels.demo"):
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
         if hasattr(module, "angle_metrics"):
             return module
-    pytest.skip("no demo module with angle_metrics (demo or margin_kernels.demo)")
+    pytest.skip("no demo module with angle_metrics (demo.run, demo or margin_kernels.demo)")
 
 
 def unit(degrees: float) -> list[float]:
@@ -59,6 +61,22 @@ def hand_built():
     cos = torch.tensor(COSINES, dtype=torch.float64)
     raw = cos * torch.tensor(X_NORMS, dtype=torch.float64)[:, None] * torch.tensor(W_NORMS)
     return x, w, cos, raw
+
+
+def test_reference_negatives_lse_leaves_out_the_target_column():
+    """CosFace with s = 1, m = 0 has f_ij = t_i = c_ij: the reference's LSE of the negatives is
+    log sum_{j != y} exp(c_ij) of the known cosines, and its loss is cross-entropy on them.
+    (``backend="torch"`` pins the reference: on CPU ``auto`` takes the compiled kernels.)"""
+    x, w, cos, _ = hand_built()
+    target = torch.tensor([0, 1, 2, 3])
+    neg_lse, t = reference.lse_parts(x, w, target, MarginSpec.cosface(1.0, 0.0))
+    is_target = torch.eye(4, dtype=torch.bool)
+    want = torch.logsumexp(cos.masked_fill(is_target, -math.inf), dim=1)
+    torch.testing.assert_close(neg_lse, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t, cos.diagonal(), rtol=1e-12, atol=1e-12)
+    loss = mk.cosface_loss(x, w, target, s=1.0, m=0.0, reduction="none", backend="torch")
+    ce = torch.nn.functional.cross_entropy(cos, target, reduction="none")
+    torch.testing.assert_close(loss, ce, rtol=1e-12, atol=1e-12)
 
 
 NORMALISED_WEIGHT_MODULES = {

@@ -5,18 +5,23 @@ is, and the test files to run against it (a subset, to keep a run practical; new
 listed first so that a kill is found fast). An original that is not found exactly once is
 reported STALE, not run: the Triton and CUDA backends change, so refresh a snippet by copying
 the current line(s) into ``original``. Mutations of csrc/ would need a rebuild of the extension
-per mutation (~90 s each) and are not in the list; the CUDA backend's Python side is.
+per mutation (~90 s each) and are not in the list; the CUDA backend's Python side is (its
+column-norm chain term of dW is dropped by skipping the ``margin_column_chain`` pass).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-TRITON = "margin_kernels/ops/triton.py"
+TRITON_MATH = "margin_kernels/ops/triton/margin_math.py"
+TRITON_FWD = "margin_kernels/ops/triton/forward.py"
+TRITON_BWD = "margin_kernels/ops/triton/backward.py"
+TRITON_OPS = "margin_kernels/ops/triton/ops.py"
 CUDA = "margin_kernels/ops/cuda.py"
 REFERENCE = "margin_kernels/reference.py"
 
 T_TRITON = "tests/test_triton_backend.py"
+T_TRITON_DEFECTS = "tests/test_triton_defects.py"
 T_CUDA = "tests/test_cuda_backend.py"
 T_REFERENCE = "tests/test_reference.py"
 T_API = "tests/test_api.py"
@@ -41,19 +46,23 @@ MUTATIONS = [
     # --- the six that survived the whole suite when the issue was filed ---------------------
     Mutation(
         "triton_psi_m4_third_threshold",
-        TRITON,
+        TRITON_MATH,
         (
             (
-                "k = (c < th1).to(c.dtype) + (c < th2).to(c.dtype) + (c < th3).to(c.dtype)",
-                "k = (c < th1).to(c.dtype) + (c < th2).to(c.dtype)",
+                "        for j in tl.static_range(1, PSI_M):\n"
+                "            k += (c < tl.load(PARAMS + 10 + j)).to(c.dtype)\n",
+                "        for j in tl.static_range(1, PSI_M):\n"
+                "            if j != 3:\n"
+                "                k += (c < tl.load(PARAMS + 10 + j)).to(c.dtype)\n",
             ),
         ),
-        "Triton psi for m = 4 drops its third threshold (k = 3 branch never taken)",
-        (T_SWEEP, T_TRITON),
+        "Triton psi (m >= 4): the third sign test, c < cos(3 pi / m), dropped (k = 3 never "
+        "reached for m = 4)",
+        (T_SWEEP, T_TRITON, T_TRITON_DEFECTS),
     ),
     Mutation(
         "triton_norm_clamp",
-        TRITON,
+        TRITON_FWD,
         (
             (
                 "tl.store(OUT + rows, tl.maximum(tl.sqrt(sq), 1e-12), mask=row_mask)",
@@ -61,7 +70,7 @@ MUTATIONS = [
             ),
             ("ny = tl.maximum(tl.sqrt(sq), 1e-12)", "ny = tl.sqrt(sq)"),
         ),
-        "Triton kernels: norms without the max(||v||, eps) clamp",
+        "Triton kernels: norms without the max(||v||, eps) clamp (row-norm and target kernels)",
         (T_DEGENERATE, T_TRITON),
     ),
     Mutation(
@@ -85,21 +94,20 @@ MUTATIONS = [
                 "(x, dim=-1, dtype=compute)",
             ),
             (
-                "(cols, dim=-1, dtype=compute).clamp_min(NORM_EPS)",
-                "(cols, dim=-1, dtype=compute)",
-            ),
-            (
                 "(w_y, dim=-1, dtype=compute).clamp_min(NORM_EPS)",
                 "(w_y, dim=-1, dtype=compute)",
             ),
-            ("norm = raw.clamp_min(NORM_EPS)", "norm = raw"),
+            ("                raw.clamp_min(NORM_EPS),\n", "                raw,\n"),
+            ("col_norm = raw.clamp_min(NORM_EPS)", "col_norm = raw"),
+            ("    norm = raw.clamp_min(NORM_EPS)\n", "    norm = raw\n"),
         ),
-        "CUDA backend (Python side): norms without the max(||v||, eps) clamp",
+        "CUDA backend (Python side): norms without the max(||v||, eps) clamp (x, W_y, the "
+        "chunks' column norms, the backward's directions)",
         (T_DEGENERATE, T_CUDA),
     ),
     Mutation(
         "triton_target_outside_shard",
-        TRITON,
+        TRITON_OPS,
         (
             (
                 "y = torch.where((target >= 0) & (target < num_classes), target, -1).contiguous()",
@@ -123,7 +131,7 @@ MUTATIONS = [
     ),
     Mutation(
         "demo_nearest_other_is_farthest",
-        "margin_kernels/demo.py",
+        "demo/run.py",
         (
             (
                 "others = angles.scatter(1, labels[:, None], math.inf).min(1).values",
@@ -144,7 +152,7 @@ MUTATIONS = [
             ),
         ),
         "reference: the negatives' LSE keeps the target column",
-        (T_REFERENCE,),
+        (T_VALUES, T_REFERENCE),
     ),
     Mutation(
         "mean_divides_by_batch",
@@ -167,14 +175,14 @@ MUTATIONS = [
     ),
     Mutation(
         "triton_arc_fallback_sign",
-        TRITON,
+        TRITON_MATH,
         (("plain = c > -cos_m", "plain = c > cos_m"),),
         "Triton ArcFace: the theta > pi - m fallback threshold with the wrong sign",
         (T_SWEEP, T_TRITON),
     ),
     Mutation(
         "triton_straight_through_ignored",
-        TRITON,
+        TRITON_MATH,
         (
             (
                 "deriv = tl.full(c.shape, 1.0, c.dtype)  # straight-through: dT/dc = s",
@@ -186,14 +194,14 @@ MUTATIONS = [
     ),
     Mutation(
         "triton_chebyshev_t3",
-        TRITON,
-        (("cheb = (4.0 * c2 - 3.0) * c  # T3", "cheb = (4.0 * c2 - 2.0) * c  # T3"),),
+        TRITON_MATH,
+        (("cheb = (4.0 * c2 - 3.0) * c", "cheb = (4.0 * c2 - 2.0) * c"),),
         "Triton: Chebyshev T3 with a wrong coefficient (4c^3 - 2c)",
         (T_SWEEP, T_TRITON),
     ),
     Mutation(
         "triton_partial_fc_ids_ignored",
-        TRITON,
+        TRITON_OPS,
         (
             (
                 "ids = class_ids.contiguous() if class_ids is not None else None",
@@ -205,28 +213,34 @@ MUTATIONS = [
     ),
     Mutation(
         "triton_dw_column_norm_term",
-        TRITON,
+        TRITON_BWD,
         (
             (
-                "if family != NT_RAW:",
-                "if family == -1:",
+                "acc += (acc_nw / nw)[:, None] * w_e.to(ACC)",
+                "acc += 0.0 * (acc_nw / nw)[:, None] * w_e.to(ACC)",
             ),
         ),
-        "Triton backward: the column-norm chain term of dW dropped",
+        "Triton dW-owner kernel: the column-norm chain term of its epilogue dropped",
         (T_SWEEP, T_TRITON),
     ),
     Mutation(
         "triton_bf16_upcast_ignored",
-        TRITON,
-        (("return INTERPRET and dtype == torch.bfloat16", "return False"),),
+        TRITON_OPS,
+        (
+            (
+                "UPCAST=INTERPRET and dtype == torch.bfloat16,",
+                "UPCAST=False,",
+            ),
+        ),
         "Triton: the interpreter's bf16 upcast switch ignored",
         (T_TRITON,),
     ),
     Mutation(
         "cuda_dw_radial_term",
         CUDA,
-        (("grad_cols -= radial * col_dir", "grad_cols -= 0.0 * radial * col_dir"),),
-        "CUDA backend: the column-norm (radial) term of dW dropped",
+        (("if normalizes_weight:", "if False:"),),
+        "CUDA backend: the column-norm (radial) term of dW dropped (the margin_column_chain "
+        "pass skipped, H_c copied as dW_c)",
         (T_DEGENERATE, T_CUDA),
     ),
     Mutation(
@@ -240,5 +254,34 @@ MUTATIONS = [
         ),
         "class-parallel loss: target logit as the max over shards, not the owner's value",
         (T_DIST,),
+    ),
+    # --- bugs specific to the split-LSE Triton forward --------------------------------------
+    Mutation(
+        "triton_dx_numerator_not_rescaled",
+        TRITON_FWD,
+        (
+            (
+                "acc, rescale, dd, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION",
+                "acc, rescale * 0.0 + 1.0, dd, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION",
+            ),
+        ),
+        "Triton forward: the dX numerator not rescaled by exp(M_old - M_new) when the running "
+        "max grows",
+        (T_TRITON, T_SWEEP, T_TRITON_DEFECTS),
+    ),
+    Mutation(
+        "triton_split_merge_wrong_max",
+        TRITON_OPS,
+        (("neg_lse = top + torch.log(total)", "neg_lse = part_m[0] + torch.log(total)"),),
+        "Triton split merge: the LSE adds back the first split's max, not the max the "
+        "partial sums were weighted by",
+        (T_TRITON, T_SHARD, T_SWEEP),
+    ),
+    Mutation(
+        "triton_fp16_scale_not_undone",
+        TRITON_MATH,
+        (("out = out * (1.0 / scale)[:, None]", "out = out + 0.0"),),
+        "Triton fp16 second GEMM: the per-row power-of-two operand scale not undone",
+        (T_TRITON_DEFECTS, T_TRITON),
     ),
 ]

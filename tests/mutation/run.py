@@ -11,7 +11,8 @@ Two suites can be compared: ``new`` (the tests of this tree) and ``old`` (the te
 of the git revision given by ``--old-tests-rev``, run against this tree's code). Before the
 mutations, each suite's files are run once unmutated; tests that already fail there (for example
 tests of features another branch adds) are deselected in the mutation runs and listed in the
-report, so they cannot count as kills.
+report, so they cannot count as kills; files that fail to import (an old suite's tests of a
+module that has moved) are left out of the mutation runs and listed.
 
 Per-mutation subsets of test files keep a run practical (the whole suite takes ~5 min on two
 cores, and survivors run their whole subset): each mutation lists the files that exercise the
@@ -55,6 +56,7 @@ class SuiteResult:
     name: str
     source: str
     baseline_failures: list[str] = field(default_factory=list)
+    broken_files: list[str] = field(default_factory=list)
     baseline_seconds: float = 0.0
     outcomes: dict[str, Outcome] = field(default_factory=dict)
 
@@ -129,19 +131,25 @@ def _first_failure(output: str) -> str:
 
 
 def baseline(tree: Path, python: str, files: list[str], timeout: float):
-    """Node ids of the tests that fail in ``files`` without any mutation, and the seconds."""
+    """Node ids of the tests that fail in ``files`` without any mutation, the files that fail
+    to import (an old suite's tests of modules that have since moved), and the seconds."""
     report = tree / "baseline.xml"
-    code, output, seconds = _pytest(tree, python, files, [f"--junitxml={report}"], timeout)
+    extra = [f"--junitxml={report}", "--continue-on-collection-errors"]
+    code, output, seconds = _pytest(tree, python, files, extra, timeout)
     if code is None:
         raise SystemExit(f"baseline run timed out after {timeout:.0f} s")
-    failing = []
+    failing, broken = [], []
     for case in ET.parse(report).getroot().iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            path = case.get("classname", "").replace(".", "/") + ".py"
-            failing.append(f"{path}::{case.get('name')}")
+        if case.find("failure") is None and case.find("error") is None:
+            continue
+        if not case.get("classname"):  # a collection error: name is the module
+            broken.append(case.get("name", "").replace(".", "/") + ".py")
+            continue
+        path = case.get("classname", "").replace(".", "/") + ".py"
+        failing.append(f"{path}::{case.get('name')}")
     if code not in (0, 1):
         raise SystemExit(f"baseline run failed to run (exit {code}):\n{output[-3000:]}")
-    return failing, seconds
+    return failing, broken, seconds
 
 
 def apply(tree: Path, mutation: Mutation) -> str | None:
@@ -169,10 +177,12 @@ def run_suite(
 ) -> None:
     wanted = sorted({f for m in mutations for f in m.tests if (tree / f).is_file()})
     print(f"[{suite.name}] baseline over {len(wanted)} files ...", flush=True)
-    suite.baseline_failures, suite.baseline_seconds = baseline(tree, python, wanted, timeout)
+    suite.baseline_failures, suite.broken_files, suite.baseline_seconds = baseline(
+        tree, python, wanted, timeout
+    )
     deselect = [f"--deselect={node}" for node in suite.baseline_failures]
     for mutation in mutations:
-        files = [f for f in mutation.tests if (tree / f).is_file()]
+        files = [f for f in mutation.tests if (tree / f).is_file() and f not in suite.broken_files]
         original = (tree / mutation.file).read_text() if (tree / mutation.file).is_file() else ""
         stale = apply(tree, mutation)
         if stale is not None:
@@ -248,6 +258,12 @@ def write_report(
                 + ", ".join(f"`{n}`" for n in s.baseline_failures)
                 if s.baseline_failures
                 else "no failures"
+            )
+            + (
+                "; not importable against this tree's code, left out: "
+                + ", ".join(f"`{f}`" for f in s.broken_files)
+                if s.broken_files
+                else ""
             )
             + "."
         )
