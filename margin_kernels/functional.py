@@ -23,6 +23,7 @@ promoted to the common dtype.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -82,13 +83,28 @@ def _check_float_matrix(name: str, t: object, layout: str) -> None:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def _eager_only(fn):
+    """``torch.compiler.disable`` applied at the first call rather than at import: decorating at
+    import would load torch._dynamo (and with it sympy and numpy) with the package."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
+
+
 def _reads_back(t: torch.Tensor, validate: str) -> bool:
     """Whether a value check may read ``t`` back to the host: always with validate="sync";
     otherwise only for CPU tensors outside torch.compile, where it costs nothing."""
     return validate == "sync" or (t.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
-@torch.compiler.disable
+@_eager_only
 def _raise_bad_labels(
     name: str, labels: torch.Tensor, in_range: torch.Tensor, num_classes: int, ignore_index
 ) -> None:
@@ -129,7 +145,7 @@ def _check_labels(
     return labels
 
 
-@torch.compiler.disable
+@_eager_only
 def _raise_repeated_ids(ordered: torch.Tensor, repeated: torch.Tensor) -> None:
     if bool(repeated.any()):
         value = ordered[1:][repeated][0].item()
@@ -152,7 +168,7 @@ def _check_unique_ids(class_ids: torch.Tensor, validate: str) -> None:
         torch._assert_async(~repeated.any(), "class_ids lists a class more than once")
 
 
-@torch.compiler.disable
+@_eager_only
 def _raise_bad_lam(lam: torch.Tensor) -> None:
     value = lam.item()
     if not (math.isfinite(value) and value >= 0):
