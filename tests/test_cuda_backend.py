@@ -216,37 +216,6 @@ def test_deterministic_mode_matches():
         torch.testing.assert_close(a, b)
 
 
-def test_header_mirrors_kernel_args():
-    """csrc/margin_math.h's kind ids, grad modes, overflow ids and params length are spec.py's."""
-    import pathlib
-    import re
-
-    from margin_kernels.spec import GRAD_MODES, KIND_IDS, OVERFLOW_POLICIES
-
-    header = (pathlib.Path(__file__).parents[1] / "csrc" / "margin_math.h").read_text()
-    enum_values = {m[0]: int(m[1]) for m in re.findall(r"\b(k\w+) = (\d+)\b", header)}
-    names = {
-        "lsoftmax": "kLSoftmax",
-        "sphereface": "kSphereFace",
-        "cosface": "kCosFace",
-        "arcface": "kArcFace",
-        "combined": "kCombined",
-        "so_softmax": "kSOSoftmax",
-        "w_softmax": "kWSoftmax",
-        "lm_softmax": "kLMSoftmax",
-        "soft_margin": "kSoftMargin",
-    }
-    assert {k: enum_values[names[k]] for k in KIND_IDS} == KIND_IDS
-    assert enum_values["kExact"] == GRAD_MODES["exact"]
-    assert enum_values["kStraightThrough"] == GRAD_MODES["straight_through"]
-    assert enum_values["kFallback"] == OVERFLOW_POLICIES["fallback"]
-    assert enum_values["kOverflowNone"] == OVERFLOW_POLICIES["none"]
-    assert enum_values["kEasy"] == OVERFLOW_POLICIES["easy"]
-    num_params = int(re.search(r"kNumParams = (\d+);", header)[1])
-    assert num_params == len(MarginSpec.cosface().kernel_args()[1])
-    assert f"kNumKinds = {len(KIND_IDS)};" in header
-
-
 @needs_ext
 def test_rows_with_only_the_target_column_give_minus_inf():
     x, w, _ = _problem(torch.float64)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _extension
-from ..spec import KIND_IDS, NORM_EPS, MarginSpec
+from ..spec import FAMILY_IDS, KINDS, NORM_EPS, MarginSpec
 
 # _extension loads margin_kernels._C (registering torch.ops.margin_kernels.*) after checking that
 # it was built against the installed torch; otherwise it says why not (never raises).
@@ -99,6 +99,8 @@ _BUILD_HINT = (
     "build fail loudly instead of being skipped)"
 )
 
+# kernel id -> the registry record of that kind
+_KIND_INFO = {info.kind_id: info for info in KINDS.values()}
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -149,7 +151,7 @@ def class_bytes(
 ) -> int:
     """Extra bytes per class of a chunk (the module docstring's ``per_class``)."""
     logit_size = 8 if dtype == torch.float64 else 4
-    buffers = 2 if kind == "w_softmax" else 1
+    buffers = 2 if KINDS[kind].family == "weighted" else 1
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_class = buffers * batch * logit_size
     if dtype in _HALF:
@@ -285,7 +287,7 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         wy_norm = torch.linalg.vector_norm(w_y, dim=-1, dtype=compute).clamp_min(NORM_EPS)
         # c_y = x_i . W_y / (||x_i|| ||W_y||), in the compute dtype (O(B D))
         c_y = torch.einsum("ij,ij->i", x.to(compute), w_y.to(compute)) / (x_norm * wy_norm)
-        weighted = kind == KIND_IDS["w_softmax"]
+        weighted = _KIND_INFO[kind].family_id == FAMILY_IDS["weighted"]
         splits = plan.epilogue_grid[1]
         neg_lse = torch.full_like(x_norm, -math.inf)
         # ||W_j|| of every participating class (O(C)), kept for the backward: W is read once
@@ -339,9 +341,9 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         w_y_mm = w_y.to(compute) if chunks.upcast else w_y
         x_norm, x_dir = _norm_and_direction(x.to(compute))
         wy_norm, wy_dir = _norm_and_direction(w_y.to(compute))
-        weighted = kind == KIND_IDS["w_softmax"]
-        # lsoftmax and soft_margin read raw W_j . x: no ||W_j|| term
-        normalizes_weight = kind not in (KIND_IDS["lsoftmax"], KIND_IDS["soft_margin"])
+        weighted = _KIND_INFO[kind].family_id == FAMILY_IDS["weighted"]
+        # kinds with raw W_j (lsoftmax, soft_margin) read W_j . x: no ||W_j|| term
+        normalizes_weight = _KIND_INFO[kind].normalizes_weight
         splits = plan.epilogue_grid[1]
         # fp32 (fp64) accumulators across chunks: dz W (dX), dh W (W_y), and the row terms
         grad_x = torch.zeros(x.shape, dtype=compute, device=x.device)
