@@ -53,6 +53,7 @@ import torch
 
 from .. import _extension
 from ..spec import FAMILY_IDS, KINDS, NORM_EPS, MarginSpec
+from ..validation import check_label_vector, check_matrices
 
 # _extension loads margin_kernels._C (registering torch.ops.margin_kernels.*) after checking that
 # it was built against the installed torch; otherwise it says why not (never raises).
@@ -477,19 +478,14 @@ def _check_inputs(
     target: torch.Tensor,
     class_ids: torch.Tensor | None,
 ) -> None:
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    for name, t, layout in (("x", x, "(B, D)"), ("weight", weight, "(C, D)")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in floats:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t)
-            raise ValueError(f"{name} must be a 2-D float tensor {layout}, got {got}")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} differ in D")
-    if target.dtype != torch.int64 or target.shape != (x.shape[0],):
-        raise ValueError(f"target must be (B,) int64, got {tuple(target.shape)} {target.dtype}")
-    if class_ids is not None and (class_ids.dtype != torch.int64 or class_ids.dim() != 1):
-        raise ValueError(
-            f"class_ids must be (S,) int64, got {tuple(class_ids.shape)} {class_ids.dtype}"
-        )
+    """The shared structural checks, plus lse_parts's int64 labels (no conversion here)."""
+    check_matrices(x, weight)
+    check_label_vector("target", target, x.shape[0])
+    if class_ids is not None:
+        check_label_vector("class_ids", class_ids, None)
+    for name, labels in (("target", target), ("class_ids", class_ids)):
+        if labels is not None and labels.dtype != torch.int64:
+            raise ValueError(f"{name} must be int64, got {labels.dtype}")
 
 
 def _chunked_lse_parts(
