@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_reference import ALL_SPECS
+from helpers import ALL_SPECS
 
 import margin_kernels as mk
 from margin_kernels.ops import cuda as cuda_backend
