@@ -32,6 +32,35 @@ def check_options(reduction: str, ignore_index: int, backend: str, validate: str
         raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
 
 
+_MATRIX_MESSAGES = {
+    "type": "{name} must be a torch.Tensor {layout}, got {type}",
+    "dim": "{name} must be 2-D {layout}, got shape {shape}",
+    "dtype": "{name} must be float16, bfloat16, float32 or float64, got {dtype}",
+}
+_LABEL_MESSAGES = {
+    "type": "{name} must be a torch.Tensor of int64, got {type}",
+    "dtype": "{name} must hold integers (int64), got {dtype}",
+    "dim": "{name} must be 1-D, got shape {shape}",
+    "length": "{name} has {rows} entries but x has {length} rows",
+}
+
+
+def _raise_problem(messages: dict[str, str], problem: str | None, value: object, **fields) -> None:
+    """Raise the ValueError of ``problem`` (nothing when None) describing ``value``."""
+    if problem is None:
+        return
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    raise ValueError(
+        messages[problem].format(
+            type=type(value).__name__,
+            shape=shape,
+            dtype=getattr(value, "dtype", None),
+            rows=shape[0] if shape else None,
+            **fields,
+        )
+    )
+
+
 def float_matrix_problem(t: object) -> str | None:
     """What keeps ``t`` from being a 2-D float tensor: "type", "dim", "dtype", or None."""
     if not isinstance(t, torch.Tensor):
@@ -45,13 +74,7 @@ def float_matrix_problem(t: object) -> str | None:
 
 def check_float_matrix(name: str, t: object, layout: str) -> None:
     """``t`` is a 2-D float16/bfloat16/float32/float64 tensor; ``layout`` names its axes."""
-    problem = float_matrix_problem(t)
-    if problem == "type":
-        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
-    if problem == "dim":
-        raise ValueError(f"{name} must be 2-D {layout}, got shape {tuple(t.shape)}")
-    if problem == "dtype":
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    _raise_problem(_MATRIX_MESSAGES, float_matrix_problem(t), t, name=name, layout=layout)
 
 
 def check_matrices(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -84,14 +107,7 @@ def label_vector_problem(labels: object, length: int | None) -> str | None:
 def check_label_vector(name: str, labels: object, length: int | None) -> None:
     """``labels`` is a 1-D integer tensor with ``length`` entries (any when None)."""
     problem = label_vector_problem(labels, length)
-    if problem == "type":
-        raise ValueError(f"{name} must be a torch.Tensor of int64, got {type(labels).__name__}")
-    if problem == "dtype":
-        raise ValueError(f"{name} must hold integers (int64), got {labels.dtype}")
-    if problem == "dim":
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
-    if problem == "length":
-        raise ValueError(f"{name} has {labels.shape[0]} entries but x has {length} rows")
+    _raise_problem(_LABEL_MESSAGES, problem, labels, name=name, length=length)
 
 
 def reads_back(t: torch.Tensor, validate: str) -> bool:
