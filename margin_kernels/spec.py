@@ -98,8 +98,10 @@ def _kind(name: str, kind_id: int, family: str, *, features: bool, weight: bool 
                     MappingProxyType(defaults))  # fmt: skip
 
 
-# The registry. Adding a kind: one line here, its math in reference.py, the Triton margin_math.py
-# and csrc/margin_math.h, a constructor below, and the tests.
+# The registry. Adding a kind: one line here and a constructor below (plus its range checks in
+# __post_init__); its target formula in reference.target_transform, in the Triton _target_kernel
+# (with a K_<NAME> constexpr in margin_math.py) and in csrc/margin_math.h (enum Kind, kNumKinds,
+# the target switch, and family_of when the family is not "scaled"); a spec in the tests' list.
 KINDS: Mapping[str, KindInfo] = MappingProxyType({
     k.name: k
     for k in (
