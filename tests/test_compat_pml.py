@@ -21,6 +21,7 @@ pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
 
 from helpers import (  # noqa: E402
     TRITON_DEVICE,
+    rel_error,
     requires_cuda,
     requires_extension,
     requires_triton_device,
@@ -87,15 +88,11 @@ def _loss_and_grads(head, x, y, **kwargs):
     return loss.detach(), x.grad, head.W.grad
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
 def _assert_same(got, want, tol):
     for what, a, b in zip(("loss", "dX", "dW"), got, want, strict=True):
         assert a.dtype == b.dtype, (what, a.dtype, b.dtype)
         assert torch.isfinite(a).all(), what
-        assert _rel(a, b) <= tol, f"{what}: relative difference {_rel(a, b):.2e} > {tol}"
+        assert rel_error(a, b) <= tol, f"{what}: relative difference {rel_error(a, b):.2e} > {tol}"
 
 
 @pytest.mark.parametrize("norm", [0.3, 1.5], ids=["small_x", "large_x"])

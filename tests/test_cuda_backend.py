@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 import torch
+from cpu_backends import loss_and_grads
 from helpers import (
     ALL_SPECS,
     PSI_VALUES,
@@ -132,17 +133,9 @@ PARTS = ("loss", "neg_lse", "target", "dX", "dW")
 
 
 def _parts_and_grads(fn, x, w, y, spec, class_ids, **kwargs):
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    neg_lse, t = fn(x, w, y, spec, class_ids, **kwargs)
-    valid = (y >= 0) & (y < w.shape[0])
-    loss = reference.loss_from_parts(neg_lse, t, valid, spec, "none")
-    g = torch.Generator().manual_seed(5)
-    # weights on the per-row parts too, so that neg_lse and t get independent gradients
-    probe = (loss * torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss)).sum()
-    probe = probe + (torch.where(torch.isfinite(neg_lse), neg_lse, 0) * 0.3).sum() + 0.2 * t.sum()
-    probe.backward()
-    return loss.detach(), neg_lse.detach(), t.detach(), x.grad, w.grad
+    """(loss, neg_lse, target logit, dX, dW) of the shared probe (cpu_backends.loss_and_grads)."""
+    parts = loss_and_grads(functools.partial(fn, **kwargs), x, w, y, spec, class_ids)
+    return tuple(parts[name] for name in ("loss", "neg_lse", "target_logit", "dX", "dW"))
 
 
 @needs_ext
