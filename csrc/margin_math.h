@@ -22,34 +22,36 @@ namespace margin_kernels {
 constexpr double kNormEps = 1e-12;
 constexpr double kSin2Eps = 1e-6;
 
-// spec.KIND_IDS
+// spec.KINDS: kind ids; the comment after each value is the spec's kind name. tests/test_registry.py
+// parses this header and compares its enums, param indices and constants with the registry.
 enum Kind : int {
-  kLSoftmax = 0,
-  kSphereFace = 1,
-  kCosFace = 2,
-  kArcFace = 3,
-  kCombined = 4,
-  kSOSoftmax = 5,
-  kWSoftmax = 6,
-  kLMSoftmax = 7,
-  kSoftMargin = 8,
+  kLSoftmax = 0,    // lsoftmax
+  kSphereFace = 1,  // sphereface
+  kCosFace = 2,     // cosface
+  kArcFace = 3,     // arcface
+  kCombined = 4,    // combined
+  kSOSoftmax = 5,   // so_softmax
+  kWSoftmax = 6,    // w_softmax
+  kLMSoftmax = 7,   // lm_softmax
+  kSoftMargin = 8,  // soft_margin
 };
 constexpr int kNumKinds = 9;
 // spec.GRAD_MODES and spec.OVERFLOW_POLICIES
 enum GradMode : int { kExact = 0, kStraightThrough = 1 };
 enum Overflow : int { kFallback = 0, kOverflowNone = 1, kEasy = 2 };
-// Length of MarginSpec.kernel_args()[1]: s, m, m1, m2, m3, lam, lambda_p, lambda_n, alpha,
-// cos(m), sin(m), grad_mode id, overflow id.
+// Length of MarginSpec.kernel_args()[1] (spec.PARAM_LAYOUT): s, m, m1, m2, m3, lam, lambda_p,
+// lambda_n, alpha, cos(m), sin(m), grad_mode id, overflow id.
 constexpr int kNumParams = 13;
 
-// The non-target logit N depends on the kind only through one of five families; the kernels are
-// templated on the family (the per-row target transform switches on the kind at run time).
+// The non-target logit N depends on the kind only through one of five families (spec.FAMILY_IDS,
+// the same numbering as the Triton NT constexpr); the kernels are templated on the family (the
+// per-row target transform switches on the kind at run time).
 enum Family : int {
-  kScaled = 0,       // N = s c                        (cosface, arcface, combined, lm_softmax)
-  kRaw = 1,          // N = ||x|| ||W_j|| c = W_j . x   (lsoftmax, soft_margin)
-  kFeatureNorm = 2,  // N = ||x|| c                     (sphereface)
-  kSquared = 3,      // N = lambda_n (c^2 - m^2)         (so_softmax)
-  kWeighted = 4,     // N = ||x|| (alpha c_y + c) / sqrt(1 + alpha^2 + 2 alpha g)  (w_softmax)
+  kScaled = 0,       // scaled: N = s c                 (cosface, arcface, combined, lm_softmax)
+  kRaw = 1,          // raw: N = ||x|| ||W_j|| c = W_j . x   (lsoftmax, soft_margin)
+  kFeatureNorm = 2,  // feature_norm: N = ||x|| c       (sphereface)
+  kSquared = 3,      // squared: N = lambda_n (c^2 - m^2)    (so_softmax)
+  kWeighted = 4,     // weighted: N = ||x|| (alpha c_y + c) / sqrt(1 + alpha^2 + 2 alpha g)
 };
 constexpr int kNumFamilies = 5;
 

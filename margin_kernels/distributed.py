@@ -31,8 +31,16 @@ import torch
 from torch import nn
 
 from . import reference
-from .ops import BACKENDS, resolve
+from .ops import resolve
 from .spec import GRAD_MODES, KIND_IDS, OVERFLOW_POLICIES, MarginSpec
+from .validation import (
+    FLOAT_DTYPES,
+    REDUCTIONS,
+    check_labels,
+    check_options,
+    float_matrix_problem,
+    label_vector_problem,
+)
 
 HAS_DISTRIBUTED = torch.distributed.is_available()
 if HAS_DISTRIBUTED:
@@ -40,9 +48,8 @@ if HAS_DISTRIBUTED:
 
 __all__ = ["HAS_DISTRIBUTED", "ClassParallelMarginLoss", "allreduce_sum_hook", "shard_range"]
 
-_REDUCTIONS = ("mean", "sum", "none")
-# Embedding dtypes a rank may pass; the integer codes travel in the metadata all-gather.
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Reductions and embedding dtypes travel in the metadata all-gather as indices of
+# validation.REDUCTIONS and validation.FLOAT_DTYPES.
 
 # Metadata error codes: what a rank found wrong with its own inputs, so that every rank can
 # raise the same ValueError instead of leaving the others waiting in a collective.
@@ -266,12 +273,7 @@ class ClassParallelMarginLoss(nn.Module):
             raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        check_options(reduction, ignore_index, backend)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.process_group = process_group
@@ -439,13 +441,13 @@ class ClassParallelMarginLoss(nn.Module):
                 OVERFLOW_POLICIES[spec.overflow],
                 lambda c: _name_of(OVERFLOW_POLICIES, c),
             ),
-            ("reduction", _REDUCTIONS.index(self.reduction), lambda c: _REDUCTIONS[c]),
+            ("reduction", REDUCTIONS.index(self.reduction), lambda c: REDUCTIONS[c]),
             ("ignore_index", self.ignore_index, int),
             ("sample_rate", _float_bits(self.sample_rate), _bits_float),
             (
                 "weight dtype",
-                _FLOAT_DTYPES.index(weight_dtype) if weight_dtype in _FLOAT_DTYPES else -1,
-                lambda c: str(_FLOAT_DTYPES[c]) if c >= 0 else "other",
+                FLOAT_DTYPES.index(weight_dtype) if weight_dtype in FLOAT_DTYPES else -1,
+                lambda c: str(FLOAT_DTYPES[c]) if c >= 0 else "other",
             ),
         ]
         return fields
@@ -458,21 +460,15 @@ class ClassParallelMarginLoss(nn.Module):
         bad; returns the batch sizes and the common embedding dtype."""
         device = self.weight.device
         code, width, dtype_code, rows = _OK, -1, -1, -1
-        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+        problem = float_matrix_problem(embeddings)
+        if problem in ("type", "dim"):
             code = _BAD_EMBEDDINGS
-        elif embeddings.dtype not in _FLOAT_DTYPES:
+        elif problem == "dtype":
             code = _BAD_DTYPE
         else:
             rows, width = embeddings.shape
-            dtype_code = _FLOAT_DTYPES.index(embeddings.dtype)
-            if (
-                not isinstance(labels, torch.Tensor)
-                or labels.dim() != 1
-                or labels.shape[0] != rows
-                or labels.dtype.is_floating_point
-                or labels.dtype.is_complex
-                or labels.dtype == torch.bool
-            ):
+            dtype_code = FLOAT_DTYPES.index(embeddings.dtype)
+            if label_vector_problem(labels, rows) is not None:
                 code = _BAD_LABELS
             elif embeddings.device != device or labels.device != device:
                 code = _BAD_DEVICE
@@ -513,23 +509,15 @@ class ClassParallelMarginLoss(nn.Module):
                 )
         dtype_codes = [row[2] for row in table]
         if len(set(dtype_codes)) > 1:
-            listing = ", ".join(f"rank {r} {_FLOAT_DTYPES[c]}" for r, c in enumerate(dtype_codes))
+            listing = ", ".join(f"rank {r} {FLOAT_DTYPES[c]}" for r, c in enumerate(dtype_codes))
             raise ValueError(f"local_embeddings dtypes differ across ranks: {listing}")
-        return tuple(row[3] for row in table), _FLOAT_DTYPES[dtype_codes[0]]
+        return tuple(row[3] for row in table), FLOAT_DTYPES[dtype_codes[0]]
 
     def _check_global_labels(self, labels: torch.Tensor) -> None:
         """Labels of the gathered batch lie in [0, C) or equal ignore_index. Every rank sees
         the same labels, so every rank raises the same IndexError (CPU); on accelerators the
         check is ``torch._assert_async`` (no host sync)."""
-        in_range = ((labels >= 0) & (labels < self.num_classes)) | (labels == self.ignore_index)
-        if labels.device.type != "cpu":
-            torch._assert_async(in_range.all(), f"labels out of range [0, {self.num_classes})")
-        elif labels.numel() and not bool(in_range.all()):
-            bad = labels[~in_range][0].item()
-            raise IndexError(
-                f"label {bad} is out of range [0, {self.num_classes}) or "
-                f"ignore_index={self.ignore_index}"
-            )
+        check_labels("label", labels, None, self.num_classes, self.ignore_index)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """Loss of the global batch (identical on every rank); a collective: every rank calls it.

@@ -23,15 +23,15 @@ promoted to the common dtype.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 
 import torch
 
 from . import reference
-from .ops import BACKENDS, resolve
+from .ops import resolve
 from .spec import MarginSpec
+from .validation import check_float_matrix, eager_only, prepare_inputs, reads_back
 
 __all__ = [
     "arcface_loss",
@@ -49,22 +49,6 @@ __all__ = [
     "zero_centroid_regularization",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_REDUCTIONS = ("mean", "sum", "none")
-VALIDATE_MODES = ("async", "sync")
-
-
-def check_options(reduction: str, ignore_index: int, backend: str, validate: str) -> None:
-    """The common keywords of every loss; the modules call it at construction."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if validate not in VALIDATE_MODES:
-        raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
-
 
 def check_nonnegative(name: str, value: object) -> None:
     """A finite real number >= 0 (a Python int or float, not a bool)."""
@@ -74,101 +58,7 @@ def check_nonnegative(name: str, value: object) -> None:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
-def _check_float_matrix(name: str, t: object, layout: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D {layout}, got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-
-
-def _eager_only(fn):
-    """``torch.compiler.disable`` applied at the first call rather than at import: decorating at
-    import would load torch._dynamo (and with it sympy and numpy) with the package."""
-    disabled = None
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        nonlocal disabled
-        if disabled is None:
-            disabled = torch.compiler.disable(fn)
-        return disabled(*args, **kwargs)
-
-    return wrapper
-
-
-def _reads_back(t: torch.Tensor, validate: str) -> bool:
-    """Whether a value check may read ``t`` back to the host: always with validate="sync";
-    otherwise only for CPU tensors outside torch.compile, where it costs nothing."""
-    return validate == "sync" or (t.device.type == "cpu" and not torch.compiler.is_compiling())
-
-
-@_eager_only
-def _raise_bad_labels(
-    name: str, labels: torch.Tensor, in_range: torch.Tensor, num_classes: int, ignore_index
-) -> None:
-    """The synchronous label check (a graph break under torch.compile, by design)."""
-    if labels.numel() and not bool(in_range.all()):
-        bad = labels[~in_range][0].item()
-        extra = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
-        raise IndexError(f"{name} value {bad} is out of range [0, {num_classes}){extra}")
-
-
-def _check_labels(
-    name: str,
-    labels: object,
-    length: int | None,
-    num_classes: int,
-    ignore_index: int | None,
-    validate: str = "async",
-) -> torch.Tensor:
-    """Validate an integer label/id vector; returns it as int64. Range errors raise IndexError
-    (see ``validate`` in the module docstring for CUDA and torch.compile)."""
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of int64, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integers (int64), got {labels.dtype}")
-    if labels.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
-    if length is not None and labels.shape[0] != length:
-        raise ValueError(f"{name} has {labels.shape[0]} entries but x has {length} rows")
-    labels = labels.long()
-    in_range = (labels >= 0) & (labels < num_classes)
-    if ignore_index is not None:
-        in_range |= labels == ignore_index
-    if _reads_back(labels, validate):
-        _raise_bad_labels(name, labels, in_range, num_classes, ignore_index)
-    else:
-        # no host sync on accelerators, and no graph break under torch.compile
-        torch._assert_async(in_range.all(), f"{name} out of range [0, {num_classes})")
-    return labels
-
-
-@_eager_only
-def _raise_repeated_ids(ordered: torch.Tensor, repeated: torch.Tensor) -> None:
-    if bool(repeated.any()):
-        value = ordered[1:][repeated][0].item()
-        raise ValueError(
-            f"class_ids lists class {value} more than once: each sampled class must appear "
-            "once, or it would count twice in the denominator"
-        )
-
-
-def _check_unique_ids(class_ids: torch.Tensor, validate: str) -> None:
-    """class_ids must not repeat a class. Checked on the sorted ids (O(S log S), no host sync
-    unless the values may be read back, see ``_reads_back``)."""
-    if class_ids.shape[0] < 2:
-        return
-    ordered = class_ids.sort().values
-    repeated = ordered[1:] == ordered[:-1]
-    if _reads_back(class_ids, validate):
-        _raise_repeated_ids(ordered, repeated)
-    else:
-        torch._assert_async(~repeated.any(), "class_ids lists a class more than once")
-
-
-@_eager_only
+@eager_only
 def _raise_bad_lam(lam: torch.Tensor) -> None:
     value = lam.item()
     if not (math.isfinite(value) and value >= 0):
@@ -193,54 +83,11 @@ def _check_lam(lam: object, device: torch.device, validate: str) -> float | torc
         )
     if lam.device != device and lam.device.type != "cpu":
         raise ValueError(f"lam must be on x's device ({device}) or the CPU, got {lam.device}")
-    if _reads_back(lam, validate):
+    if reads_back(lam, validate):
         _raise_bad_lam(lam)
     else:
         torch._assert_async(torch.isfinite(lam) & (lam >= 0), "lam must be finite and >= 0")
     return lam
-
-
-def _prepare(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    reduction: str,
-    ignore_index: int,
-    backend: str,
-    class_ids: torch.Tensor | None = None,
-    validate: str = "async",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Shared validation of the margin losses' inputs; returns (x, weight, target, class_ids)
-    with matching dtypes and int64 labels. Raises before touching any data."""
-    _check_float_matrix("x", x, "(B, D)")
-    _check_float_matrix("weight", weight, "(C, D)")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"feature dims differ: x is {tuple(x.shape)} (B, D) but weight is "
-            f"{tuple(weight.shape)} (C, D)"
-        )
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one class (C >= 1)")
-    check_options(reduction, ignore_index, backend, validate)
-    tensors = {"x": x, "weight": weight, "target": target}
-    if class_ids is not None:
-        tensors["class_ids"] = class_ids
-    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"inputs must be on one device, got {listing}")
-    num_classes = weight.shape[0]
-    target = _check_labels("target", target, x.shape[0], num_classes, ignore_index, validate)
-    if class_ids is not None:
-        class_ids = _check_labels("class_ids", class_ids, None, num_classes, None, validate)
-        _check_unique_ids(class_ids, validate)
-    if torch.is_autocast_enabled(x.device.type):
-        amp_dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(amp_dtype), weight.to(amp_dtype)
-    elif x.dtype != weight.dtype:
-        common = torch.promote_types(x.dtype, weight.dtype)
-        x, weight = x.to(common), weight.to(common)
-    return x, weight, target, class_ids
 
 
 def _check_negatives(margin: MarginSpec, num_classes: int, class_ids: torch.Tensor | None) -> None:
@@ -343,7 +190,7 @@ def _margin_cross_entropy(
     backend (:func:`_blend_psi_target`), so that lam is a graph input under torch.compile."""
     if not isinstance(margin, MarginSpec):
         raise ValueError(f"margin must be a MarginSpec, got {type(margin).__name__}")
-    x, weight, target, class_ids = _prepare(
+    x, weight, target, class_ids = prepare_inputs(
         x, weight, target, reduction, ignore_index, backend, class_ids, validate
     )
     _check_negatives(margin, weight.shape[0], class_ids)
@@ -549,7 +396,7 @@ def sample_margin_regularization(
     non-ignored rows. x: (B, D), weight: (C, D) with C >= 2 (a row needs a class j != y),
     target: (B,) int64. ``reduction``: "mean" (the regulariser; 0 when every row is ignored),
     "sum", or "none" for the (B,) per-row margins, 0 on ignored rows. O(B C) memory (torch)."""
-    x, weight, target, _ = _prepare(
+    x, weight, target, _ = prepare_inputs(
         x, weight, target, reduction, ignore_index, "torch", None, validate
     )
     if weight.shape[0] < 2:
@@ -579,15 +426,15 @@ def _sample_margins(
 
 def zero_centroid_regularization(weight: torch.Tensor) -> torch.Tensor:
     """LM-Softmax zero-centroid regulariser R_w = ||sum_j W_j/||W_j|| ||^2; weight: (C, D)."""
-    _check_float_matrix("weight", weight, "(C, D)")
+    check_float_matrix("weight", weight, "(C, D)")
     return reference.zero_centroid_regularization(weight)
 
 
 def hsic(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Linear-kernel HSIC between two classifiers over the same C classes:
     ``||(H u)^T (H v)||_F^2 / (C - 1)^2``. u: (C, D1), v: (C, D2); no C x C matrix is formed."""
-    _check_float_matrix("u", u, "(C, D1)")
-    _check_float_matrix("v", v, "(C, D2)")
+    check_float_matrix("u", u, "(C, D1)")
+    check_float_matrix("v", v, "(C, D2)")
     if u.shape[0] != v.shape[0]:
         raise ValueError(f"u and v must have the same classes, got {u.shape[0]} and {v.shape[0]}")
     return reference.hsic(u, v)

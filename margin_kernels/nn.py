@@ -17,6 +17,7 @@ from torch import nn
 
 from . import functional as F
 from .spec import MarginSpec
+from .validation import check_options
 
 __all__ = [
     "ArcFaceLoss",
@@ -102,7 +103,7 @@ class _MarginLoss(nn.Module):
         super().__init__()
         _check_size("in_features", in_features)
         _check_size("num_classes", num_classes)
-        F.check_options(reduction, ignore_index, backend, validate)
+        check_options(reduction, ignore_index, backend, validate)
         self.in_features = in_features
         self.num_classes = num_classes
         self.reduction = reduction

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .spec import NORM_EPS, SIN2_EPS, MarginSpec
+from .spec import KINDS, NORM_EPS, SIN2_EPS, MarginSpec
 
 __all__ = [
     "chebyshev",
@@ -167,14 +167,14 @@ def nontarget_transform(
     """Non-target logits N(c_ij, ...) (element-wise; broadcasts ``x_norm`` (B, 1) against
     ``w_norm`` (1, C)). W-Softmax also reads ``c_target`` (B, 1) = c_iy and ``gram_target``
     (B, C) = w_y . w_j (unit vectors)."""
-    kind = spec.kind
-    if kind in ("lsoftmax", "soft_margin"):
+    family = KINDS[spec.kind].family
+    if family == "raw":
         return x_norm * w_norm * c
-    if kind == "sphereface":
+    if family == "feature_norm":
         return x_norm * c
-    if kind == "so_softmax":
+    if family == "squared":
         return spec.lambda_n * (c * c - spec.m * spec.m)
-    if kind == "w_softmax":
+    if family == "weighted":
         alpha = spec.alpha
         denom = (1 + alpha * alpha + 2 * alpha * gram_target).clamp_min(NORM_EPS).sqrt()
         return x_norm * (alpha * c_target + c) / denom
@@ -227,7 +227,7 @@ def lse_parts(
     t = target_transform(c_y, x_norm, w_y_norm, spec)
 
     gram = None
-    if spec.kind == "w_softmax":
+    if KINDS[spec.kind].family == "weighted":
         gram = (w_y / w_y_norm[:, None]) @ (cols / col_norm[:, None]).T
     f = nontarget_transform(cos, x_norm[:, None], col_norm[None, :], spec, c_y[:, None], gram)
     is_target_col = col_ids[None, :] == target[:, None]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import requires_cuda
 
 import margin_kernels as mk
 from margin_kernels.ops.cuda import HAS_CUDA_EXT
@@ -313,7 +314,7 @@ def test_wheel_check_tells_pure_from_compiled(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_gpu_sweep_times_with_do_bench_and_measures_memory(run, harness, tmp_path):
     argv = ["--device", "cuda", "--out", str(tmp_path), "--providers", "torch,gemm,triton,cuda"]
     argv += ["--losses", "arcface", "--dtypes", "bf16", "--modes", "fwd+bwd", "--batch", "128"]

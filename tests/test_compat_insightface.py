@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TRITON_DEVICE
 from torch import nn
 from torch.nn.functional import linear, normalize
 
@@ -621,22 +622,10 @@ def test_general_api_preset_and_ddp_hook_exported():
     assert "allreduce_sum_hook" in mk.distributed.__all__
 
 
-def _triton_device():
-    try:
-        from margin_kernels.ops import triton as triton_backend
-    except ImportError:
-        return None
-    if not triton_backend.HAS_TRITON:
-        return None
-    if triton_backend.INTERPRET:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else None
-
-
 def _fused_backend(name, monkeypatch):
     """(backend keyword, device) running ``name``'s algorithm here, or skip."""
     if name == "triton":
-        device = _triton_device()
+        device = TRITON_DEVICE
         if device is None:
             pytest.skip("needs Triton with TRITON_INTERPRET=1 or a CUDA GPU")
         return "triton", device

@@ -19,6 +19,14 @@ from margin_kernels.ops import cuda as cuda_backend
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
 
+from helpers import (  # noqa: E402
+    TRITON_DEVICE,
+    rel_error,
+    requires_cuda,
+    requires_extension,
+    requires_triton_device,
+)
+
 B, C, D = 7, 9, 6
 
 # (class name, constructor keywords): PML's defaults, other scales and margins, integer psi
@@ -80,15 +88,11 @@ def _loss_and_grads(head, x, y, **kwargs):
     return loss.detach(), x.grad, head.W.grad
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
 def _assert_same(got, want, tol):
     for what, a, b in zip(("loss", "dX", "dW"), got, want, strict=True):
         assert a.dtype == b.dtype, (what, a.dtype, b.dtype)
         assert torch.isfinite(a).all(), what
-        assert _rel(a, b) <= tol, f"{what}: relative difference {_rel(a, b):.2e} > {tol}"
+        assert rel_error(a, b) <= tol, f"{what}: relative difference {rel_error(a, b):.2e} > {tol}"
 
 
 @pytest.mark.parametrize("norm", [0.3, 1.5], ids=["small_x", "large_x"])
@@ -198,28 +202,7 @@ def test_unsupported_features_raise_clear_errors():
 
 
 # --- every backend, column-major W.t() ----------------------------------------------------------
-def _triton_device():
-    try:
-        from margin_kernels.ops import triton as triton_backend
-    except ImportError:
-        return None
-    if not triton_backend.HAS_TRITON:
-        return None
-    if triton_backend.INTERPRET:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else None
-
-
-TRITON_DEVICE = _triton_device()
-needs_triton = pytest.mark.skipif(
-    TRITON_DEVICE is None, reason="needs Triton with TRITON_INTERPRET=1 or a CUDA GPU"
-)
-needs_ext = pytest.mark.skipif(
-    not cuda_backend.HAS_CUDA_EXT, reason="margin_kernels._C is not built"
-)
-
-
-@needs_triton
+@requires_triton_device
 @pytest.mark.parametrize(("name", "kwargs"), COLUMN_MAJOR, ids=_ids(COLUMN_MAJOR))
 def test_triton_backend_matches_pml(name, kwargs):
     theirs, mine = _pair(name, kwargs, backend="triton")
@@ -230,7 +213,7 @@ def test_triton_backend_matches_pml(name, kwargs):
     _assert_same(tuple(t.cpu() for t in got), want, 1e-10)
 
 
-@needs_ext
+@requires_extension
 @pytest.mark.parametrize(("name", "kwargs"), COLUMN_MAJOR, ids=_ids(COLUMN_MAJOR))
 def test_cuda_backend_algorithm_matches_pml(name, kwargs, monkeypatch):
     """The C++ backend's chunked algorithm and epilogue kernels (CPU twin), 3 rows per chunk,
@@ -243,7 +226,7 @@ def test_cuda_backend_algorithm_matches_pml(name, kwargs, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize(("name", "kwargs"), COLUMN_MAJOR, ids=_ids(COLUMN_MAJOR))
 def test_fused_on_gpu_matches_pml(name, kwargs):
     theirs, mine = _pair(name, kwargs)

@@ -5,12 +5,22 @@ GPU parity (skipped without a GPU)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
 import pytest
 import torch
-from test_reference import ALL_SPECS, PSI_VALUES
+from cpu_backends import loss_and_grads
+from helpers import (
+    ALL_SPECS,
+    PSI_VALUES,
+    STRAIGHT_THROUGH_SPECS,
+    assert_parity,
+    assert_within,
+    requires_cuda_extension,
+    requires_extension,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -19,22 +29,10 @@ from margin_kernels import reference
 from margin_kernels.ops import cuda as cuda_backend
 from margin_kernels.spec import MarginSpec
 
-needs_ext = pytest.mark.skipif(
-    not cuda_backend.HAS_CUDA_EXT,
-    reason="margin_kernels._C is not built (needs the CUDA build of torch and nvcc)",
-)
-needs_gpu = pytest.mark.skipif(
-    not (cuda_backend.HAS_CUDA_EXT and torch.cuda.is_available()),
-    reason="needs a CUDA GPU and the built extension",
-)
+needs_ext = requires_extension
+needs_gpu = requires_cuda_extension
 
-# Straight-through specs on top of ALL_SPECS (not in it: they are not the true gradient).
-TRANSFORM_SPECS = {
-    **ALL_SPECS,
-    "arcface_st_fallback": MarginSpec.arcface(8.0, 0.5, grad_mode="straight_through"),
-    "arcface_st_easy": MarginSpec.arcface(8.0, 0.5, "straight_through", "easy"),
-    "combined_st": MarginSpec.combined(8.0, 1.2, 0.3, 0.1, grad_mode="straight_through"),
-}
+TRANSFORM_SPECS = {**ALL_SPECS, **STRAIGHT_THROUGH_SPECS}
 
 # Cosines covering every psi branch, the thresholds cos(j pi/m), |c| -> 1 and theta + m > pi.
 COSINES = sorted(
@@ -131,18 +129,13 @@ def _problem(dtype, b=11, c=13, d=6, seed=0, noncontiguous=False):
     return x, w, y
 
 
+PARTS = ("loss", "neg_lse", "target", "dX", "dW")
+
+
 def _parts_and_grads(fn, x, w, y, spec, class_ids, **kwargs):
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    neg_lse, t = fn(x, w, y, spec, class_ids, **kwargs)
-    valid = (y >= 0) & (y < w.shape[0])
-    loss = reference.loss_from_parts(neg_lse, t, valid, spec, "none")
-    g = torch.Generator().manual_seed(5)
-    # weights on the per-row parts too, so that neg_lse and t get independent gradients
-    probe = (loss * torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss)).sum()
-    probe = probe + (torch.where(torch.isfinite(neg_lse), neg_lse, 0) * 0.3).sum() + 0.2 * t.sum()
-    probe.backward()
-    return loss.detach(), neg_lse.detach(), t.detach(), x.grad, w.grad
+    """(loss, neg_lse, target logit, dX, dW) of the shared probe (cpu_backends.loss_and_grads)."""
+    parts = loss_and_grads(functools.partial(fn, **kwargs), x, w, y, spec, class_ids)
+    return tuple(parts[name] for name in ("loss", "neg_lse", "target_logit", "dX", "dW"))
 
 
 @needs_ext
@@ -168,14 +161,24 @@ def test_chunked_lse_parts_matches_fp64_reference(name, dtype, partial_fc):
         chunk_bytes,
     )
     assert plan.classes_per_chunk == 3 and plan.num_chunks == math.ceil(num_cols / 3)
-    got = _parts_and_grads(
-        cuda_backend._chunked_lse_parts, x, w, y, spec, class_ids, chunk_bytes=chunk_bytes
+    got = assert_parity(
+        functools.partial(
+            _parts_and_grads, cuda_backend._chunked_lse_parts, chunk_bytes=chunk_bytes
+        ),
+        functools.partial(_parts_and_grads, reference.lse_parts),
+        PARTS,
+        x,
+        w,
+        y,
+        spec,
+        class_ids,
+        # this file's element-wise bounds, kept in addition to the shared rule
+        close={"rtol": 1e-10, "atol": 1e-10}
+        if dtype == torch.float64
+        else {"rtol": 2e-4, "atol": 2e-4},
     )
-    want = _parts_and_grads(reference.lse_parts, x.double(), w.double(), y, spec, class_ids)
-    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
-    for label, a, b in zip(("loss", "neg_lse", "target", "dX", "dW"), got, want, strict=True):
+    for label, a in zip(PARTS, got, strict=True):
         assert a.dtype == dtype, label
-        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, k=label: f"{k}: {m}")
     if class_ids is not None:
         # dW is zero outside the sampled classes and the rows' targets
         touched = torch.zeros(w.shape[0], dtype=torch.bool)
@@ -196,8 +199,14 @@ def test_chunked_lse_parts_half_storage(name, dtype):
     x, w = x.to(dtype), w.to(dtype)
     got = _parts_and_grads(cuda_backend._chunked_lse_parts, x, w, y, spec, None, chunk_bytes=64)
     want = _parts_and_grads(reference.lse_parts, x.double(), w.double(), y, spec, None)
+    torch_lowp = _parts_and_grads(reference.lse_parts, x, w, y, spec, None)
+    # The shared rule, and this file's element-wise bound (atol scaled by the largest value).
+    # The logits buffer is stored in bf16 here (the reference keeps fp32 logits): one more
+    # rounding of 2^-8 relative, so the bf16 floor is one bf16 ulp at 1.
+    floor = 2.0**-8 if dtype == torch.bfloat16 else None
+    assert_within(PARTS, got, want, torch_lowp, dtype, floor=floor)
     rel = 2e-2 if dtype == torch.float16 else 8e-2
-    for label, a, b in zip(("loss", "neg_lse", "target", "dX", "dW"), got, want, strict=True):
+    for label, a, b in zip(PARTS, got, want, strict=True):
         assert a.dtype == (torch.float32 if label in ("loss", "neg_lse", "target") else dtype)
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a.double(), b, rtol=rel, atol=rel * scale, msg=label)
@@ -214,37 +223,6 @@ def test_deterministic_mode_matches():
     )
     for a, b in zip(plain, det, strict=True):
         torch.testing.assert_close(a, b)
-
-
-def test_header_mirrors_kernel_args():
-    """csrc/margin_math.h's kind ids, grad modes, overflow ids and params length are spec.py's."""
-    import pathlib
-    import re
-
-    from margin_kernels.spec import GRAD_MODES, KIND_IDS, OVERFLOW_POLICIES
-
-    header = (pathlib.Path(__file__).parents[1] / "csrc" / "margin_math.h").read_text()
-    enum_values = {m[0]: int(m[1]) for m in re.findall(r"\b(k\w+) = (\d+)\b", header)}
-    names = {
-        "lsoftmax": "kLSoftmax",
-        "sphereface": "kSphereFace",
-        "cosface": "kCosFace",
-        "arcface": "kArcFace",
-        "combined": "kCombined",
-        "so_softmax": "kSOSoftmax",
-        "w_softmax": "kWSoftmax",
-        "lm_softmax": "kLMSoftmax",
-        "soft_margin": "kSoftMargin",
-    }
-    assert {k: enum_values[names[k]] for k in KIND_IDS} == KIND_IDS
-    assert enum_values["kExact"] == GRAD_MODES["exact"]
-    assert enum_values["kStraightThrough"] == GRAD_MODES["straight_through"]
-    assert enum_values["kFallback"] == OVERFLOW_POLICIES["fallback"]
-    assert enum_values["kOverflowNone"] == OVERFLOW_POLICIES["none"]
-    assert enum_values["kEasy"] == OVERFLOW_POLICIES["easy"]
-    num_params = int(re.search(r"kNumParams = (\d+);", header)[1])
-    assert num_params == len(MarginSpec.cosface().kernel_args()[1])
-    assert f"kNumKinds = {len(KIND_IDS)};" in header
 
 
 @needs_ext

@@ -308,7 +308,7 @@ def _check_errors_on_every_rank(rank, world):
     too_big = y_local.clone()
     too_big[:1] = num_classes  # rank 0's first row; every rank sees it after the gather
     _expect_error(
-        IndexError, f"label {num_classes} is out of range", lambda: head(x_local, too_big)
+        IndexError, f"label value {num_classes} is out of range", lambda: head(x_local, too_big)
     )
     # after every rank raised at the same point the group is still in step
     assert torch.isfinite(head(x_local, y_local))

@@ -21,7 +21,7 @@ import importlib
 
 import pytest
 import torch
-from test_reference import ALL_SPECS
+from helpers import ALL_SPECS
 
 import margin_kernels as mk
 from margin_kernels.spec import MarginSpec

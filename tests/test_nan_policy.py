@@ -9,29 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_reference import ALL_SPECS
+from helpers import ALL_SPECS, HAS_EXTENSION, TRITON_DEVICE
 
 import margin_kernels as mk
-from margin_kernels.ops import cuda as cuda_backend
-
-try:
-    from margin_kernels.ops import triton as triton_backend
-except ImportError:  # pragma: no cover - the module guards its own imports
-    triton_backend = None
-
-
-def _triton_device() -> torch.device | None:
-    if triton_backend is None or not triton_backend.HAS_TRITON:
-        return None
-    if triton_backend.INTERPRET:
-        return torch.device("cpu")
-    return torch.device("cuda") if torch.cuda.is_available() else None
-
 
 BACKENDS = {
     "torch": torch.device("cpu"),
-    "cuda": torch.device("cpu") if cuda_backend.HAS_CUDA_EXT else None,
-    "triton": _triton_device(),
+    "cuda": torch.device("cpu") if HAS_EXTENSION else None,
+    "triton": TRITON_DEVICE,
 }
 SPECS = ["cosface", "arcface_exact_fallback", "lsoftmax_m4", "w_softmax", "lm_softmax"]
 B, C, D = 5, 10, 8

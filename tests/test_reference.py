@@ -6,36 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ALL_SPECS, PSI_VALUES
 
 import margin_kernels as mk
 from margin_kernels import reference
 from margin_kernels.spec import MarginSpec
-
-# docs/design.md section 2: theta in degrees -> psi_m(theta).
-PSI_VALUES = {
-    2: {0: 1.0, 45: 0.0, 90: -1.0, 135: -2.0, 180: -3.0},
-    3: {60: -1.0, 90: -2.0, 180: -5.0},
-    4: {30: -0.5, 45: -1.0, 90: -3.0, 135: -5.0, 180: -7.0},
-}
-
-ALL_SPECS = {
-    "lsoftmax_m1": MarginSpec.lsoftmax(1),
-    "lsoftmax_m2": MarginSpec.lsoftmax(2, lam=0.5),
-    "lsoftmax_m3": MarginSpec.lsoftmax(3),
-    "lsoftmax_m4": MarginSpec.lsoftmax(4, lam=2.0),
-    "sphereface_m4": MarginSpec.sphereface(4, lam=5.0),
-    "sphereface_m2": MarginSpec.sphereface(2),
-    "cosface": MarginSpec.cosface(8.0, 0.35),
-    "arcface_exact_fallback": MarginSpec.arcface(8.0, 0.5),
-    "arcface_exact_none": MarginSpec.arcface(8.0, 0.5, overflow="none"),
-    "arcface_exact_easy": MarginSpec.arcface(8.0, 0.5, overflow="easy"),
-    "combined": MarginSpec.combined(8.0, 1.0, 0.3, 0.2),
-    "combined_m1": MarginSpec.combined(8.0, 1.35, 0.2, 0.1),
-    "so_softmax": MarginSpec.so_softmax(),
-    "w_softmax": MarginSpec.w_softmax(1.5),
-    "lm_softmax": MarginSpec.lm_softmax(5.0),
-    "soft_margin": MarginSpec.soft_margin(0.3),
-}
 
 
 def _data(b=6, c=9, d=5, seed=0, dtype=torch.float64):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import requires_cuda
 from torch._dynamo.utils import counters
 
 import margin_kernels as mk
@@ -446,7 +447,7 @@ def test_nan_in_a_weight_row_poisons_every_row(backend, name):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_cuda_label_check_is_a_device_assert_and_sync_raises_index_error():
     """In a subprocess: a device-side assert leaves the CUDA context unusable."""
     code = (

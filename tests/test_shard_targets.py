@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from cpu_backends import CPU_BACKENDS, loss_and_grads, lse_parts_or_skip
-from test_reference import ALL_SPECS
+from helpers import ALL_SPECS
 
 from margin_kernels import reference
 

@@ -13,22 +13,25 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    ALL_SPECS,
+    TRITON_DEVICE,
+    assert_backend_parity,
+    error_bound,
+    lowp_errors,
+    make_data,
+    requires_triton_interpreter,
+)
+from helpers import loss_and_grads as _loss_and_grads
 
 import margin_kernels as mk
 from margin_kernels.ops import resolve
 from margin_kernels.spec import MarginSpec
 
 tb = pytest.importorskip("margin_kernels.ops.triton")
-if not tb.HAS_TRITON:
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if tb.INTERPRET:
-    DEVICE = torch.device("cpu")
-elif torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-else:
-    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-
-from test_reference import ALL_SPECS  # noqa: E402
+if TRITON_DEVICE is None:
+    pytest.skip("needs Triton with TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEVICE = TRITON_DEVICE
 
 from margin_kernels.ops.triton import config  # noqa: E402
 from margin_kernels.ops.triton.margin_math import NUM_PARAMS, kernel_params  # noqa: E402
@@ -37,36 +40,11 @@ B, C, D = 19, 37, 24  # B not a multiple of the tile, C prime, D not a power of 
 
 
 def _data(b=B, c=C, d=D, seed=0, dtype=torch.float64, ignored=(3,)):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, d, generator=g, dtype=torch.float64)
-    w = torch.randn(c, d, generator=g, dtype=torch.float64)
-    y = torch.randint(0, c, (b,), generator=g)
-    for row in ignored:
-        y[row] = -100
-    return x.to(DEVICE, dtype), w.to(DEVICE, dtype), y.to(DEVICE)
-
-
-def _loss_and_grads(x, w, y, spec, backend, **kwargs):
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, **kwargs)
-    # a non-uniform upstream gradient, so every row's gradient is checked on its own
-    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
-    (loss * weights.view_as(loss)).sum().backward()
-    return loss.detach(), x.grad, w.grad
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+    return make_data(b, c, d, seed, dtype, ignored, DEVICE)
 
 
 def _assert_parity(x, w, y, spec, tol, **kwargs):
-    got = _loss_and_grads(x, w, y, spec, "triton", **kwargs)
-    ref = _loss_and_grads(x.double(), w.double(), y, spec, "torch", **kwargs)
-    for name, a, b in zip(("loss", "dX", "dW"), got, ref, strict=True):
-        assert torch.isfinite(a).all(), name
-        assert _rel(a, b) < tol, f"{name}: relative error {_rel(a, b):.2e} >= {tol}"
-    return got
+    return assert_backend_parity("triton", x, w, y, spec, tol=tol, **kwargs)
 
 
 # combined margins use a float32-accurate arccos polynomial, also in float64
@@ -182,19 +160,6 @@ def test_more_classes_than_a_grid_dimension(monkeypatch):
     _assert_parity(x, w, y, MarginSpec.cosface(30.0, 0.35), 1e-12, reduction="none")
 
 
-def _lowp_error(dtype, spec, x_norm=None):
-    """Our error in ``dtype`` and the reference's own error in ``dtype``, both vs float64
-    (feature rows scaled to norm ``x_norm`` when given)."""
-    x, w, y = _data(dtype=torch.float64, seed=3)
-    if x_norm is not None:
-        x = x / x.norm(dim=1, keepdim=True) * x_norm
-    exact = _loss_and_grads(x, w, y, spec, "torch", reduction="none")
-    xl, wl = x.to(dtype), w.to(dtype)
-    ours = _loss_and_grads(xl, wl, y, spec, "triton", reduction="none")
-    torch_lp = _loss_and_grads(xl, wl, y, spec, "torch", reduction="none")
-    return [(_rel(o, e), _rel(t, e)) for o, t, e in zip(ours, torch_lp, exact, strict=True)]
-
-
 LOWP_DTYPES = [torch.float32, torch.float16]
 if not tb.INTERPRET:  # the interpreter's bf16 arithmetic is unreliable; GPUs run bf16 natively
     LOWP_DTYPES.append(torch.bfloat16)
@@ -205,18 +170,19 @@ if not tb.INTERPRET:  # the interpreter's bf16 arithmetic is unreliable; GPUs ru
     "name", ["cosface", "arcface_exact_fallback", "sphereface_m4", "w_softmax", "lm_softmax"]
 )
 def test_low_precision_error_is_bounded_by_torchs_own(name, dtype):
-    for part, (ours, theirs) in zip(("loss", "dX", "dW"), _lowp_error(dtype, ALL_SPECS[name]),
-                                    strict=True):  # fmt: skip
-        floor = 1e-6 if dtype == torch.float32 else 2e-3
-        assert ours <= 2.0 * theirs + floor, f"{part}: {ours:.2e} vs torch's {theirs:.2e}"
+    errors = lowp_errors("triton", dtype, ALL_SPECS[name], device=DEVICE)
+    for part, (ours, theirs) in zip(("loss", "dX", "dW"), errors, strict=True):
+        bound = error_bound(dtype, theirs)
+        assert ours <= bound, f"{part}: {ours:.2e} vs torch's {theirs:.2e}"
 
 
-@pytest.mark.skipif(not tb.INTERPRET, reason="checks the interpreter's bf16 upcast switch")
+@requires_triton_interpreter
 def test_bfloat16_runs_with_the_interpreter_upcast():
-    for part, (ours, theirs) in zip(("loss", "dX", "dW"),
-                                    _lowp_error(torch.bfloat16, MarginSpec.cosface(16.0, 0.3)),
-                                    strict=True):  # fmt: skip
-        assert ours <= 2.0 * theirs + 1e-2, f"{part}: {ours:.2e} vs torch's {theirs:.2e}"
+    errors = lowp_errors("triton", torch.bfloat16, MarginSpec.cosface(16.0, 0.3), device=DEVICE)
+    for part, (ours, theirs) in zip(("loss", "dX", "dW"), errors, strict=True):
+        # the interpreter's bf16 arithmetic is coarser than a GPU's: this file's floor of 1e-2
+        bound = error_bound(torch.bfloat16, theirs, floor=1e-2)
+        assert ours <= bound, f"{part}: {ours:.2e} vs torch's {theirs:.2e}"
 
 
 def test_autocast_casts_operands_and_the_loss_stays_float32():

@@ -23,8 +23,14 @@ tb = pytest.importorskip("margin_kernels.ops.triton")
 if not tb.HAS_TRITON or not tb.INTERPRET:
     pytest.skip("emulates GPU behaviour under TRITON_INTERPRET=1", allow_module_level=True)
 
-from test_reference import ALL_SPECS  # noqa: E402
-from test_triton_backend import _assert_parity, _data, _loss_and_grads, _lowp_error  # noqa: E402
+from helpers import (  # noqa: E402
+    ALL_SPECS,
+    assert_backend_parity,
+    error_bound,
+    lowp_errors,
+    make_data,
+)
+from helpers import loss_and_grads as _loss_and_grads  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 
@@ -55,8 +61,8 @@ def test_a_float64_keeps_fp64_scalars_when_float_arguments_are_rounded_to_fp32(m
         return tuple(_fp32(a) for a in args), {k: _fp32(v) for k, v in kwargs.items()}
 
     launches = _wrap_launches(monkeypatch, round_floats)
-    x, w, y = _data()
-    _assert_parity(x, w, y, ALL_SPECS[name], 1e-12, reduction="none")
+    x, w, y = make_data()
+    assert_backend_parity("triton", x, w, y, ALL_SPECS[name], tol=1e-12, reduction="none")
     assert launches, "no kernel launch went through the rounding wrapper"
 
 
@@ -68,7 +74,7 @@ def test_b_offsets_past_two_to_the_31_do_not_wrap():
     num_classes, dim, stride = 37, 8, 2**29
     start = 2**32
     storage = torch.empty(start + num_classes + (dim - 1) * stride, dtype=torch.float16)
-    x, w, y = _data(c=num_classes, d=dim, dtype=torch.float16)
+    x, w, y = make_data(c=num_classes, d=dim, dtype=torch.float16)
     w_view = storage.as_strided((num_classes, dim), (1, stride), start)
     w_view.copy_(w)
     assert w_view.stride(1) * (dim - 1) >= 2**31
@@ -112,7 +118,7 @@ def test_c_every_launch_runs_under_the_tensors_device(monkeypatch):
         return args, kwargs
 
     launches = _wrap_launches(monkeypatch, check_active)
-    x, w, y = _data()
+    x, w, y = make_data()
     _loss_and_grads(x, w, y, MarginSpec.arcface(16.0, 0.5), "triton")
     assert "_fwd_kernel" in launches and "_dw_kernel" in launches
     assert entered and all(device == x.device for device in entered)
@@ -129,7 +135,7 @@ def test_e_fp16_second_gemm_operands_of_1e_8_do_not_flush_to_zero():
     rows (x is large) are 3e-3 and up, inside fp16. Cast to fp16 unscaled, those operands
     flush or keep a few bits (row errors of 2.6e-2); per-tile power-of-two scales keep every
     row to fp16's own precision."""
-    x, w, y = _data(ignored=())
+    x, w, y = make_data(ignored=())
     x = x / x.norm(dim=1, keepdim=True) * 3e4
     w = w / w.norm(dim=1, keepdim=True)
     spec = MarginSpec.cosface(64.0, 0.35)
@@ -149,10 +155,10 @@ def test_e_fp16_second_gemm_operands_of_1e_8_do_not_flush_to_zero():
 def test_f_fp16_gradients_at_feature_norm_5_7e4(name):
     """||x|| = 5.7e4 (fp16's max is 65504): dL/dd = dL/dc / (nx nw) ~ 1e-5 is subnormal in
     fp16 unless scaled. Our error stays within twice torch's own fp16 error."""
-    for part, (ours, theirs) in zip(("loss", "dX", "dW"),
-                                    _lowp_error(torch.float16, ALL_SPECS[name], x_norm=5.7e4),
-                                    strict=True):  # fmt: skip
-        assert ours <= 2.0 * theirs + 2e-3, f"{part}: {ours:.2e} vs torch's {theirs:.2e}"
+    errors = lowp_errors("triton", torch.float16, ALL_SPECS[name], x_norm=5.7e4)
+    for part, (ours, theirs) in zip(("loss", "dX", "dW"), errors, strict=True):
+        bound = error_bound(torch.float16, theirs)
+        assert ours <= bound, f"{part}: {ours:.2e} vs torch's {theirs:.2e}"
 
 
 @pytest.mark.parametrize("name", ["cosface", "w_softmax", "lsoftmax_m4"])
@@ -160,14 +166,14 @@ def test_nan_policy(name):
     """A NaN in a feature row makes that row's loss NaN and only that row's; a NaN in a weight
     row of the denominator makes every row's loss NaN; never 0, -inf or finite instead."""
     spec = ALL_SPECS[name]
-    x, w, y = _data(ignored=())
+    x, w, y = make_data(ignored=())
     x[4, 2] = float("nan")
     loss = mk.margin_cross_entropy(x, w, y, spec, backend="triton", reduction="none")
     ref = mk.margin_cross_entropy(x, w, y, spec, backend="torch", reduction="none")
     assert torch.isnan(loss[4]) and torch.isfinite(loss[torch.arange(len(y)) != 4]).all()
     keep = torch.arange(len(y)) != 4
     assert torch.allclose(loss[keep], ref[keep], rtol=1e-12, atol=0)
-    x, w, y = _data(ignored=())
+    x, w, y = make_data(ignored=())
     w[int(y[0]) - 1 if int(y[0]) > 0 else 1, 5] = float("nan")
     loss = mk.margin_cross_entropy(x, w, y, spec, backend="triton", reduction="none")
     assert torch.isnan(loss).all()
@@ -177,5 +183,5 @@ def test_nan_policy(name):
 @pytest.mark.parametrize("kind", ["lsoftmax", "sphereface"])
 def test_psi_margins_above_four(kind, m):
     spec = getattr(MarginSpec, kind)(m, lam=0.5)
-    x, w, y = _data()
-    _assert_parity(x, w, y, spec, 1e-12, reduction="none")
+    x, w, y = make_data()
+    assert_backend_parity("triton", x, w, y, spec, tol=1e-12, reduction="none")

@@ -52,7 +52,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import _extension
-from ..spec import KIND_IDS, NORM_EPS, MarginSpec
+from ..spec import FAMILY_IDS, KINDS, NORM_EPS, MarginSpec
+from ..validation import check_label_vector, check_matrices
 
 # _extension loads margin_kernels._C (registering torch.ops.margin_kernels.*) after checking that
 # it was built against the installed torch; otherwise it says why not (never raises).
@@ -106,6 +107,8 @@ _BUILD_HINT = (
     "build fail loudly instead of being skipped)"
 )
 
+# kernel id -> the registry record of that kind
+_KIND_INFO = {info.kind_id: info for info in KINDS.values()}
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -156,7 +159,7 @@ def class_bytes(
 ) -> int:
     """Extra bytes per class of a chunk (the module docstring's ``per_class``)."""
     logit_size = 8 if dtype == torch.float64 else 4
-    buffers = 2 if kind == "w_softmax" else 1
+    buffers = 2 if KINDS[kind].family == "weighted" else 1
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_class = buffers * batch * logit_size
     if dtype in _HALF:
@@ -292,7 +295,7 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         wy_norm = torch.linalg.vector_norm(w_y, dim=-1, dtype=compute).clamp_min(NORM_EPS)
         # c_y = x_i . W_y / (||x_i|| ||W_y||), in the compute dtype (O(B D))
         c_y = torch.einsum("ij,ij->i", x.to(compute), w_y.to(compute)) / (x_norm * wy_norm)
-        weighted = kind == KIND_IDS["w_softmax"]
+        weighted = _KIND_INFO[kind].family_id == FAMILY_IDS["weighted"]
         splits = plan.epilogue_grid[1]
         neg_lse = torch.full_like(x_norm, -math.inf)
         # ||W_j|| of every participating class (O(C)), kept for the backward: W is read once
@@ -346,9 +349,9 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         w_y_mm = w_y.to(compute) if chunks.upcast else w_y
         x_norm, x_dir = _norm_and_direction(x.to(compute))
         wy_norm, wy_dir = _norm_and_direction(w_y.to(compute))
-        weighted = kind == KIND_IDS["w_softmax"]
-        # lsoftmax and soft_margin read raw W_j . x: no ||W_j|| term
-        normalizes_weight = kind not in (KIND_IDS["lsoftmax"], KIND_IDS["soft_margin"])
+        weighted = _KIND_INFO[kind].family_id == FAMILY_IDS["weighted"]
+        # kinds with raw W_j (lsoftmax, soft_margin) read W_j . x: no ||W_j|| term
+        normalizes_weight = _KIND_INFO[kind].normalizes_weight
         splits = plan.epilogue_grid[1]
         # fp32 (fp64) accumulators across chunks: dz W (dX), dh W (W_y), and the row terms
         grad_x = torch.zeros(x.shape, dtype=compute, device=x.device)
@@ -482,19 +485,14 @@ def _check_inputs(
     target: torch.Tensor,
     class_ids: torch.Tensor | None,
 ) -> None:
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    for name, t, layout in (("x", x, "(B, D)"), ("weight", weight, "(C, D)")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in floats:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t)
-            raise ValueError(f"{name} must be a 2-D float tensor {layout}, got {got}")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} differ in D")
-    if target.dtype != torch.int64 or target.shape != (x.shape[0],):
-        raise ValueError(f"target must be (B,) int64, got {tuple(target.shape)} {target.dtype}")
-    if class_ids is not None and (class_ids.dtype != torch.int64 or class_ids.dim() != 1):
-        raise ValueError(
-            f"class_ids must be (S,) int64, got {tuple(class_ids.shape)} {class_ids.dtype}"
-        )
+    """The shared structural checks, plus lse_parts's int64 labels (no conversion here)."""
+    check_matrices(x, weight)
+    check_label_vector("target", target, x.shape[0])
+    if class_ids is not None:
+        check_label_vector("class_ids", class_ids, None)
+    for name, labels in (("target", target), ("class_ids", class_ids)):
+        if labels is not None and labels.dtype != torch.int64:
+            raise ValueError(f"{name} must be int64, got {labels.dtype}")
 
 
 def _chunked_lse_parts(

@@ -7,7 +7,17 @@ from ._compat import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
     from .forward import _logits_k_loop
-    from .margin_math import _accumulate_rows, _logit_grads, _nontarget_logits
+    from .margin_math import (
+        NT_RAW,
+        NT_WEIGHTED,
+        P_ALPHA,
+        P_LAMBDA_N,
+        P_M,
+        P_S,
+        _accumulate_rows,
+        _logit_grads,
+        _nontarget_logits,
+    )
 
     @triton.jit
     def _dw_kernel(
@@ -38,10 +48,10 @@ if HAS_TRITON:
         else:
             cls = cols.to(tl.int64)
         nw = tl.load(NW + cols, mask=col_mask, other=1.0)
-        s = tl.load(PARAMS + 0)
-        marg = tl.load(PARAMS + 1)
-        lambda_n = tl.load(PARAMS + 7)
-        alpha = tl.load(PARAMS + 8)
+        s = tl.load(PARAMS + P_S)
+        marg = tl.load(PARAMS + P_M)
+        lambda_n = tl.load(PARAMS + P_LAMBDA_N)
+        alpha = tl.load(PARAMS + P_ALPHA)
         op_dtype = X.dtype.element_ty
         kk_out = dslice.to(tl.int64) * BLOCK_OUT + tl.arange(0, BLOCK_OUT).to(tl.int64)
         out_kmask = kk_out < D
@@ -63,7 +73,7 @@ if HAS_TRITON:
             nx = tl.load(NX + rows, mask=row_mask, other=1.0)
             cy = tl.zeros_like(nx)
             ny = tl.zeros_like(nx) + 1.0
-            if NT == 4:
+            if NT == NT_WEIGHTED:
                 cy = tl.load(CY + rows, mask=row_mask, other=0.0)
                 ny = tl.load(NY + rows, mask=row_mask, other=1.0)
             lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
@@ -74,7 +84,7 @@ if HAS_TRITON:
             if UPCAST:
                 x_out = x_out.to(tl.float32)
             y_out = x_out
-            if NT == 4:
+            if NT == NT_WEIGHTED:
                 y_out = tl.load(W + y_safe[:, None] * stride_wc + kk_out[None, :] * stride_wd,
                                 mask=row_mask[:, None] & out_kmask[None, :],
                                 other=0.0)  # fmt: skip
@@ -83,7 +93,7 @@ if HAS_TRITON:
             if ONE_K:
                 d = tl.dot(x_out, tl.trans(w_t), input_precision=PRECISION, out_dtype=ACC)
                 e = d
-                if NT == 4:
+                if NT == NT_WEIGHTED:
                     e = tl.dot(y_out, tl.trans(w_t), input_precision=PRECISION, out_dtype=ACC)
             else:
                 d, e = _logits_k_loop(
@@ -115,14 +125,14 @@ if HAS_TRITON:
             acc = _accumulate_rows(
                 acc, one, tl.trans(dd), x_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
             )
-            if NT != 0:
+            if NT != NT_RAW:
                 acc_nw += tl.sum(tl.where(live, g_nw, 0.0), axis=0)
-            if NT == 4:
+            if NT == NT_WEIGHTED:
                 de = tl.where(live, de, 0.0)
                 acc = _accumulate_rows(
                     acc, one, tl.trans(de), y_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
                 )
-        if NT != 0:
+        if NT != NT_RAW:
             # column-norm chain term: dW_j += (dL/dnw_j / nw_j) W_j
             if ONE_K:
                 w_e = w_t

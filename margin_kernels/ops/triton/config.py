@@ -1,4 +1,5 @@
-"""Tiles, grids and launch order of every Triton launch, in pure Python (torch and math only).
+"""Tiles, grids and launch order of every Triton launch, in pure Python (torch, math and the
+spec registry only).
 
 The launchers in :mod:`margin_kernels.ops.triton.ops` take every tile, grid, warp and stage
 count from this module, and ``bench/model.py`` reads the same numbers through :func:`plan`, so the
@@ -36,24 +37,19 @@ from dataclasses import dataclass
 
 import torch
 
-# Non-target logit families: every kind's f_ij is one of these functions of (d, nx, nw).
-NT_RAW = 0  # f = d                                   (lsoftmax, soft_margin)
-NT_XNORM = 1  # f = ||x|| c = d / nw                  (sphereface)
-NT_SCALED = 2  # f = s c                              (cosface, arcface, combined, lm_softmax)
-NT_SO = 3  # f = lambda_n (c^2 - m^2)                 (so_softmax)
-NT_W = 4  # f = nx (alpha c_iy + c) / sqrt(1 + alpha^2 + 2 alpha w_y.w_j)   (w_softmax)
+from ...spec import FAMILY_IDS, KINDS
 
-NONTARGET_FAMILY = {
-    "lsoftmax": NT_RAW,
-    "soft_margin": NT_RAW,
-    "sphereface": NT_XNORM,
-    "cosface": NT_SCALED,
-    "arcface": NT_SCALED,
-    "combined": NT_SCALED,
-    "lm_softmax": NT_SCALED,
-    "so_softmax": NT_SO,
-    "w_softmax": NT_W,
-}
+# Non-target logit families (the ``NT`` constexpr of the kernels), numbered by spec.FAMILY_IDS.
+NT_SCALED = FAMILY_IDS["scaled"]  # f = s c          (cosface, arcface, combined, lm_softmax)
+NT_RAW = FAMILY_IDS["raw"]  # f = d                  (lsoftmax, soft_margin)
+NT_XNORM = FAMILY_IDS["feature_norm"]  # f = ||x|| c = d / nw   (sphereface)
+NT_SO = FAMILY_IDS["squared"]  # f = lambda_n (c^2 - m^2)   (so_softmax)
+NT_W = FAMILY_IDS[
+    "weighted"
+]  # f = nx (alpha c_iy + c) / sqrt(1 + alpha^2 + 2 alpha g)   (w_softmax)
+
+# kind name -> family id, from the registry.
+NONTARGET_FAMILY = {name: info.family_id for name, info in KINDS.items()}
 
 # Every launch states the full per-thread register budget. Left to itself, ptxas (as Triton
 # drives it) caps some kernels at 96-128 registers to raise occupancy and spills instead.

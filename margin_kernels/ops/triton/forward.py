@@ -11,6 +11,28 @@ from ._compat import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
     from .margin_math import (
+        EPS_NORM,
+        K_ARCFACE,
+        K_COMBINED,
+        K_COSFACE,
+        K_LM_SOFTMAX,
+        K_LSOFTMAX,
+        K_SO_SOFTMAX,
+        K_SPHEREFACE,
+        K_W_SOFTMAX,
+        NT_RAW,
+        NT_WEIGHTED,
+        P_ALPHA,
+        P_COS_M,
+        P_LAM,
+        P_LAMBDA_N,
+        P_LAMBDA_P,
+        P_M,
+        P_M1,
+        P_M2,
+        P_M3,
+        P_S,
+        P_SIN_M,
         _accumulate_rows,
         _arc_margin,
         _logit_grads,
@@ -39,7 +61,7 @@ if HAS_TRITON:
                 other=0.0,
             ).to(ACC)
             sq += tl.sum(v * v, axis=1)
-        tl.store(OUT + rows, tl.maximum(tl.sqrt(sq), 1e-12), mask=row_mask)
+        tl.store(OUT + rows, tl.maximum(tl.sqrt(sq), EPS_NORM), mask=row_mask)
 
     @triton.jit
     def _target_kernel(
@@ -69,44 +91,45 @@ if HAS_TRITON:
                          other=0.0).to(ACC)  # fmt: skip
             dot += tl.sum(xv * wv, axis=1)
             sq += tl.sum(wv * wv, axis=1)
-        s = tl.load(PARAMS + 0)
-        marg = tl.load(PARAMS + 1)
-        lam = tl.load(PARAMS + 5)
-        lambda_p = tl.load(PARAMS + 6)
+        s = tl.load(PARAMS + P_S)
+        marg = tl.load(PARAMS + P_M)
+        lam = tl.load(PARAMS + P_LAM)
+        lambda_p = tl.load(PARAMS + P_LAMBDA_P)
         nx = tl.load(NX + rows, mask=row_mask, other=1.0)
-        ny = tl.maximum(tl.sqrt(sq), 1e-12)
+        ny = tl.maximum(tl.sqrt(sq), EPS_NORM)
         c = dot / (nx * ny)
         zero = tl.zeros((BLOCK_B,), dtype=ACC)
         # T(c, nx, ny) and its partials T_c, T_nx, T_ny
         t_nx = zero
         t_ny = zero
-        if KIND == 0:  # lsoftmax: nx ny (lam c + psi(c)) / (1 + lam)
+        if KIND == K_LSOFTMAX:  # lsoftmax: nx ny (lam c + psi(c)) / (1 + lam)
             blend, dblend = _psi_blend(c, lam, PARAMS, PSI_M)
             t = nx * ny * blend
             t_c = nx * ny * dblend
             t_nx = ny * blend
             t_ny = nx * blend
-        elif KIND == 1:  # sphereface: nx (lam c + psi(c)) / (1 + lam)
+        elif KIND == K_SPHEREFACE:  # sphereface: nx (lam c + psi(c)) / (1 + lam)
             blend, dblend = _psi_blend(c, lam, PARAMS, PSI_M)
             t = nx * blend
             t_c = nx * dblend
             t_nx = blend
-        elif KIND == 2:  # cosface: s (c - m)
+        elif KIND == K_COSFACE:  # cosface: s (c - m)
             t = s * (c - marg)
             t_c = zero + s
-        elif KIND == 3 or KIND == 4:  # arcface / combined
+        elif KIND == K_ARCFACE or KIND == K_COMBINED:  # noqa: SIM109 (no `in` under jit)
             t, t_c = _arc_margin(
-                c, s, tl.load(PARAMS + 2), tl.load(PARAMS + 3), tl.load(PARAMS + 4),
-                tl.load(PARAMS + 9), tl.load(PARAMS + 10), marg, KIND, GRAD_MODE, OVERFLOW,
+                c, s, tl.load(PARAMS + P_M1), tl.load(PARAMS + P_M2),
+                tl.load(PARAMS + P_M3), tl.load(PARAMS + P_COS_M), tl.load(PARAMS + P_SIN_M),
+                marg, KIND, GRAD_MODE, OVERFLOW,
             )  # fmt: skip
-        elif KIND == 5:  # so_softmax: lambda_p (m^2 - (c - 1)^2)
+        elif KIND == K_SO_SOFTMAX:  # so_softmax: lambda_p (m^2 - (c - 1)^2)
             t = lambda_p * (marg * marg - (c - 1.0) * (c - 1.0))
             t_c = -2.0 * lambda_p * (c - 1.0)
-        elif KIND == 6:  # w_softmax: nx c
+        elif KIND == K_W_SOFTMAX:  # w_softmax: nx c
             t = nx * c
             t_c = nx
             t_nx = c
-        elif KIND == 7:  # lm_softmax: s c
+        elif KIND == K_LM_SOFTMAX:  # lm_softmax: s c
             t = s * c
             t_c = zero + s
         else:  # soft_margin: d - m
@@ -149,7 +172,7 @@ if HAS_TRITON:
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
             d = tl.dot(xt, wt, d, input_precision=PRECISION, out_dtype=ACC)
-            if NT == 4:
+            if NT == NT_WEIGHTED:
                 yt = tl.load(W + y_safe[:, None] * stride_wc + kk[None, :] * stride_wd,
                              mask=row_mask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
                 if UPCAST:
@@ -192,13 +215,13 @@ if HAS_TRITON:
         nx = tl.load(NX + rows, mask=row_mask, other=1.0)
         cy = tl.zeros_like(nx)
         ny = tl.zeros_like(nx) + 1.0
-        if NT == 4:
+        if NT == NT_WEIGHTED:
             cy = tl.load(CY + rows, mask=row_mask, other=0.0)
             ny = tl.load(NY + rows, mask=row_mask, other=1.0)
-        s = tl.load(PARAMS + 0)
-        marg = tl.load(PARAMS + 1)
-        lambda_n = tl.load(PARAMS + 7)
-        alpha = tl.load(PARAMS + 8)
+        s = tl.load(PARAMS + P_S)
+        marg = tl.load(PARAMS + P_M)
+        lambda_n = tl.load(PARAMS + P_LAMBDA_N)
+        alpha = tl.load(PARAMS + P_ALPHA)
         op_dtype = W.dtype.element_ty
         kk_out = dslice.to(tl.int64) * BLOCK_OUT + tl.arange(0, BLOCK_OUT).to(tl.int64)
         out_kmask = kk_out < D
@@ -207,7 +230,7 @@ if HAS_TRITON:
             x_t = tl.load(X + rows64[:, None] * stride_xb + kk_out[None, :] * stride_xd,
                           mask=row_mask[:, None] & out_kmask[None, :], other=0.0)  # fmt: skip
             wy_t = x_t
-            if NT == 4:
+            if NT == NT_WEIGHTED:
                 wy_t = tl.load(W + y_safe[:, None] * stride_wc + kk_out[None, :] * stride_wd,
                                mask=row_mask[:, None] & out_kmask[None, :],
                                other=0.0)  # fmt: skip
@@ -241,7 +264,7 @@ if HAS_TRITON:
                     w_t = w_t.to(tl.float32)
                 d = tl.dot(x_t, tl.trans(w_t), input_precision=PRECISION, out_dtype=ACC)
                 e = d
-                if NT == 4:
+                if NT == NT_WEIGHTED:
                     e = tl.dot(wy_t, tl.trans(w_t), input_precision=PRECISION, out_dtype=ACC)
             else:
                 d, e = _logits_k_loop(
@@ -286,9 +309,9 @@ if HAS_TRITON:
                 acc = _accumulate_rows(
                     acc, rescale, dd, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
                 )
-                if NT != 0:
+                if NT != NT_RAW:
                     r_nx = r_nx * rescale + tl.sum(tl.where(live, g_nx, 0.0), axis=1)
-                if NT == 4:
+                if NT == NT_WEIGHTED:
                     de = tl.where(live, de, 0.0)
                     acc_y = _accumulate_rows(
                         acc_y, rescale, de, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
@@ -307,7 +330,7 @@ if HAS_TRITON:
             tl.store(PART_ROW + row_out + B, r_cy, mask=row_mask & first)
             tl.store(PART_ROW + row_out + 2 * B, r_ny, mask=row_mask & first)
             out_mask = row_mask[:, None] & out_kmask[None, :]
-            if NT == 4:
+            if NT == NT_WEIGHTED:
                 num_rows = split64 * 2 * B + rows64
                 tl.store(PART_NUM + (num_rows + B)[:, None] * D + kk_out[None, :], acc_y,
                          mask=out_mask)  # fmt: skip

@@ -1,9 +1,9 @@
 """Margin math of the Triton kernels (``@triton.jit`` helpers, inlined into the kernels).
 
 Every logit is a function of the raw dot ``d_ij = x_i . W_j`` and of the norms
-``nx_i = max(||x_i||, eps)``, ``nw_j = max(||W_j||, eps)`` (eps = 1e-12); W-Softmax also reads
-``c_iy`` and ``e_ij = W_y . W_j``. Float hyper-parameters reach the kernels in a small tensor of
-the accumulation dtype (``PARAMS``, laid out by :func:`kernel_params`): a Python float argument
+``nx_i = max(||x_i||, eps)``, ``nw_j = max(||W_j||, eps)`` (eps = spec.NORM_EPS); W-Softmax also
+reads ``c_iy`` and ``e_ij = W_y . W_j``. Float hyper-parameters reach the kernels in a small tensor
+of the accumulation dtype (``PARAMS``, laid out by :func:`kernel_params`): a Python float argument
 would be rounded to fp32 by the compiled launcher, an fp64 tensor keeps fp64 precision.
 """
 
@@ -11,22 +11,65 @@ from __future__ import annotations
 
 import math
 
+from ...spec import (
+    FAMILY_IDS,
+    GRAD_MODES,
+    KIND_IDS,
+    MAX_PSI_M,
+    NORM_EPS,
+    OVERFLOW_POLICIES,
+    PARAM_INDEX,
+    SIN2_EPS,
+)
 from ._compat import HAS_TRITON, tl, triton
 
-# PARAMS layout: s, m, m1, m2, m3, lam, lambda_p, lambda_n, alpha, cos m, sin m, then the psi
-# thresholds cos(j pi / m), j = 1..15 (unused entries -2: c is never below them).
-NUM_PARAMS = 26
-MAX_THRESHOLDS = 15
+# PARAMS layout: spec.PARAM_LAYOUT up to sin(m) (s, m, m1, m2, m3, lam, lambda_p, lambda_n, alpha,
+# cos m, sin m), then the psi thresholds cos(j pi / m), j = 1..15 (unused entries -2: c is never
+# below them).
+NUM_FLOAT_PARAMS = PARAM_INDEX["sin_m"] + 1
+MAX_THRESHOLDS = MAX_PSI_M - 1
+NUM_PARAMS = NUM_FLOAT_PARAMS + MAX_THRESHOLDS
 
 
 def kernel_params(params: list[float], psi_m: int) -> list[float]:
     """The PARAMS vector of :meth:`MarginSpec.kernel_args` ``params`` (13 floats)."""
-    head = list(params[:11])
+    head = list(params[:NUM_FLOAT_PARAMS])
     ths = [math.cos(j * math.pi / psi_m) for j in range(1, psi_m)] if psi_m > 1 else []
     return head + ths + [-2.0] * (MAX_THRESHOLDS - len(ths))
 
 
 if HAS_TRITON:
+    # The registry's facts as compile-time constants of the kernels (spec.py is their source).
+    EPS_NORM = tl.constexpr(NORM_EPS)
+    EPS_SIN2 = tl.constexpr(SIN2_EPS)
+    K_LSOFTMAX = tl.constexpr(KIND_IDS["lsoftmax"])
+    K_SPHEREFACE = tl.constexpr(KIND_IDS["sphereface"])
+    K_COSFACE = tl.constexpr(KIND_IDS["cosface"])
+    K_ARCFACE = tl.constexpr(KIND_IDS["arcface"])
+    K_COMBINED = tl.constexpr(KIND_IDS["combined"])
+    K_SO_SOFTMAX = tl.constexpr(KIND_IDS["so_softmax"])
+    K_W_SOFTMAX = tl.constexpr(KIND_IDS["w_softmax"])
+    K_LM_SOFTMAX = tl.constexpr(KIND_IDS["lm_softmax"])
+    NT_SCALED = tl.constexpr(FAMILY_IDS["scaled"])
+    NT_RAW = tl.constexpr(FAMILY_IDS["raw"])
+    NT_FEATURE_NORM = tl.constexpr(FAMILY_IDS["feature_norm"])
+    NT_SQUARED = tl.constexpr(FAMILY_IDS["squared"])
+    NT_WEIGHTED = tl.constexpr(FAMILY_IDS["weighted"])
+    GRAD_STRAIGHT_THROUGH = tl.constexpr(GRAD_MODES["straight_through"])
+    OVERFLOW_FALLBACK = tl.constexpr(OVERFLOW_POLICIES["fallback"])
+    OVERFLOW_EASY = tl.constexpr(OVERFLOW_POLICIES["easy"])
+    P_S = tl.constexpr(PARAM_INDEX["s"])
+    P_M = tl.constexpr(PARAM_INDEX["m"])
+    P_M1 = tl.constexpr(PARAM_INDEX["m1"])
+    P_M2 = tl.constexpr(PARAM_INDEX["m2"])
+    P_M3 = tl.constexpr(PARAM_INDEX["m3"])
+    P_LAM = tl.constexpr(PARAM_INDEX["lam"])
+    P_LAMBDA_P = tl.constexpr(PARAM_INDEX["lambda_p"])
+    P_LAMBDA_N = tl.constexpr(PARAM_INDEX["lambda_n"])
+    P_ALPHA = tl.constexpr(PARAM_INDEX["alpha"])
+    P_COS_M = tl.constexpr(PARAM_INDEX["cos_m"])
+    P_SIN_M = tl.constexpr(PARAM_INDEX["sin_m"])
+    P_THRESHOLDS = tl.constexpr(NUM_FLOAT_PARAMS)
 
     @triton.jit
     def _acos(x):
@@ -81,7 +124,7 @@ if HAS_TRITON:
         cheb, dcheb = _chebyshev(c, PSI_M)
         k = tl.zeros(c.shape, c.dtype)
         for j in tl.static_range(1, PSI_M):
-            k += (c < tl.load(PARAMS + 10 + j)).to(c.dtype)
+            k += (c < tl.load(PARAMS + P_THRESHOLDS - 1 + j)).to(c.dtype)
         odd = (k - 2.0 * tl.floor(k * 0.5)) == 1.0
         sign = tl.where(odd, -1.0, 1.0)
         value = (lam * c + sign * cheb - 2.0 * k) / (1.0 + lam)
@@ -96,16 +139,16 @@ if HAS_TRITON:
         """s * margin-cosine and its derivative in c for arcface (KIND 3) and combined (4)."""
         cc = tl.minimum(tl.maximum(c, -1.0), 1.0)
         # guarded sin(theta) for the derivative only: finite at |c| -> 1
-        sin_guard = tl.sqrt(tl.maximum(1.0 - c * c, 1e-6))
-        if KIND == 3:
+        sin_guard = tl.sqrt(tl.maximum(1.0 - c * c, EPS_SIN2))
+        if KIND == K_ARCFACE:
             sin_theta = tl.sqrt(tl.maximum(1.0 - cc * cc, 0.0))
             value = cc * cos_m - sin_theta * sin_m  # cos(theta + m)
             deriv = cos_m + sin_m * c / sin_guard
-            if OVERFLOW == 0:
+            if OVERFLOW == OVERFLOW_FALLBACK:
                 plain = c > -cos_m  # theta <= pi - m; beyond it c - m sin m keeps T monotone
                 value = tl.where(plain, value, c - marg * sin_m)
                 deriv = tl.where(plain, deriv, 1.0)
-            elif OVERFLOW == 2:
+            elif OVERFLOW == OVERFLOW_EASY:
                 plain = c > 0.0  # "easy margin": the margin only where c > 0
                 value = tl.where(plain, value, c)
                 deriv = tl.where(plain, deriv, 1.0)
@@ -113,26 +156,26 @@ if HAS_TRITON:
             angle = m1 * _acos(cc) + m2
             value = tl.cos(angle) - m3  # cos(m1 theta + m2) - m3
             deriv = m1 * tl.sin(angle) / sin_guard
-        if GRAD_MODE == 1:
+        if GRAD_MODE == GRAD_STRAIGHT_THROUGH:
             deriv = tl.full(c.shape, 1.0, c.dtype)  # straight-through: dT/dc = s
         return s * value, s * deriv
 
     @triton.jit
     def _nontarget_logits(d, e, nx, nw, cy, ny, s, marg, lambda_n, alpha, NT: tl.constexpr):
         """f_ij from the raw dot d; nx, cy, ny are (BLOCK_M, 1), nw is (1, BLOCK_N)."""
-        if NT == 0:
+        if NT == NT_RAW:
             f = d  # raw logit W_j . x
-        elif NT == 1:
+        elif NT == NT_FEATURE_NORM:
             f = d / nw  # ||x|| c = x . W_j / ||W_j||
-        elif NT == 2:
+        elif NT == NT_SCALED:
             f = s * (d / (nx * nw))  # s c
-        elif NT == 3:
+        elif NT == NT_SQUARED:
             c = d / (nx * nw)
             f = lambda_n * (c * c - marg * marg)
         else:
             c = d / (nx * nw)
             g = e / (ny * nw)  # w_y . w_j of unit vectors
-            q = tl.sqrt(tl.maximum(1.0 + alpha * alpha + 2.0 * alpha * g, 1e-12))
+            q = tl.sqrt(tl.maximum(1.0 + alpha * alpha + 2.0 * alpha * g, EPS_NORM))
             f = nx * (alpha * cy + c) / q
         return f
 
@@ -147,15 +190,15 @@ if HAS_TRITON:
         d_nw = zero
         d_cy = zero
         d_ny = zero
-        if NT == 0:
+        if NT == NT_RAW:
             dd = p  # df/dd = 1
-        elif NT == 1:
+        elif NT == NT_FEATURE_NORM:
             dd = p / nw  # f = d / nw
             d_nw = -p * f / nw
-        elif NT == 2 or NT == 3:
+        elif NT == NT_SCALED or NT == NT_SQUARED:  # noqa: SIM109 (no `in` under jit)
             c = d / (nx * nw)
             h = p * s  # f = s c
-            if NT == 3:
+            if NT == NT_SQUARED:
                 h = p * 2.0 * lambda_n * c  # f = lambda_n (c^2 - m^2)
             dd = h / (nx * nw)  # c = d / (nx nw)
             d_nx = -h * c / nx
@@ -163,7 +206,7 @@ if HAS_TRITON:
         else:
             c = d / (nx * nw)
             g = e / (ny * nw)
-            q = tl.sqrt(tl.maximum(1.0 + alpha * alpha + 2.0 * alpha * g, 1e-12))
+            q = tl.sqrt(tl.maximum(1.0 + alpha * alpha + 2.0 * alpha * g, EPS_NORM))
             # f = (alpha nx c_y + d / nw) / q,  q = sqrt(1 + alpha^2 + 2 alpha e / (ny nw))
             dq = -p * f * alpha / (q * q)  # dL/dg through q
             dd = p / (nw * q)

@@ -23,7 +23,7 @@ import contextlib
 
 import torch
 
-from ...spec import KIND_IDS, MarginSpec
+from ...spec import KIND_IDS, KINDS, PARAM_INDEX, MarginSpec
 from . import config
 from ._compat import HAS_TRITON, INTERPRET, triton
 from .config import NONTARGET_FAMILY, NT_W
@@ -123,7 +123,7 @@ def _columns(target, class_ids, num_classes):
 
 
 def _psi_m(kind: str, params: list[float]) -> int:
-    return int(params[1]) if kind in ("lsoftmax", "sphereface") else 1
+    return int(params[PARAM_INDEX["m"]]) if KINDS[kind].psi else 1
 
 
 def _num_count(family: int, needs_num: bool) -> int:
@@ -151,7 +151,8 @@ def _forward(x, weight, target, class_ids, kind_id, params, needs_num):
         X=x, W=weight, Y=y, NX=nx, PARAMS=pvec, OUT=row_stats, B=batch, D=dim,
         stride_xb=x.stride(0), stride_xd=x.stride(1),
         stride_wc=weight.stride(0), stride_wd=weight.stride(1),
-        KIND=kind_id, PSI_M=psi_m, GRAD_MODE=int(params[11]), OVERFLOW=int(params[12]),
+        KIND=kind_id, PSI_M=psi_m, GRAD_MODE=int(params[PARAM_INDEX["grad_mode"]]),
+        OVERFLOW=int(params[PARAM_INDEX["overflow"]]),
         ACC=_tl_acc(x.dtype), BLOCK_B=rt.block_r, BLOCK_D=rt.block_k,
         num_warps=rt.num_warps, maxnreg=config.MAX_REGISTERS,
     )  # fmt: skip
