@@ -50,10 +50,10 @@ MUTATIONS = [
         (
             (
                 "        for j in tl.static_range(1, PSI_M):\n"
-                "            k += (c < tl.load(PARAMS + 10 + j)).to(c.dtype)\n",
+                "            k += (c < tl.load(PARAMS + P_THRESHOLDS - 1 + j)).to(c.dtype)\n",
                 "        for j in tl.static_range(1, PSI_M):\n"
                 "            if j != 3:\n"
-                "                k += (c < tl.load(PARAMS + 10 + j)).to(c.dtype)\n",
+                "                k += (c < tl.load(PARAMS + P_THRESHOLDS - 1 + j)).to(c.dtype)\n",
             ),
         ),
         "Triton psi (m >= 4): the third sign test, c < cos(3 pi / m), dropped (k = 3 never "
@@ -65,10 +65,10 @@ MUTATIONS = [
         TRITON_FWD,
         (
             (
-                "tl.store(OUT + rows, tl.maximum(tl.sqrt(sq), 1e-12), mask=row_mask)",
+                "tl.store(OUT + rows, tl.maximum(tl.sqrt(sq), EPS_NORM), mask=row_mask)",
                 "tl.store(OUT + rows, tl.sqrt(sq), mask=row_mask)",
             ),
-            ("ny = tl.maximum(tl.sqrt(sq), 1e-12)", "ny = tl.sqrt(sq)"),
+            ("ny = tl.maximum(tl.sqrt(sq), EPS_NORM)", "ny = tl.sqrt(sq)"),
         ),
         "Triton kernels: norms without the max(||v||, eps) clamp (row-norm and target kernels)",
         (T_DEGENERATE, T_TRITON),
