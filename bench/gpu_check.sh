@@ -143,8 +143,18 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA de
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
       'python', platform.python_version(), 'device', gpu)"
 } >>"$DEVICE_TXT" 2>&1
+# pyproject.toml's SPDX license string needs setuptools >= 77; an older preinstalled setuptools
+# rejects it before setup.py runs, so the build then reads the older table form (restored after).
+pyproject_orig=
+if ! "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)"; then
+    echo "setuptools < 77: the build reads pyproject.toml's license in the table form" >>"$DEVICE_TXT"
+    pyproject_orig=$(mktemp) && cp pyproject.toml "$pyproject_orig"
+    sed -i 's/^license = "Apache-2.0"$/license = { text = "Apache-2.0" }/; /^license-files = /d' \
+        pyproject.toml
+fi
 step build "$CAP_BUILD" "$OUT/build.log" "$PY" setup.py build_ext --inplace ||
     tail -20 "$OUT/build.log"
+[ -n "$pyproject_orig" ] && mv "$pyproject_orig" pyproject.toml
 # shellcheck disable=SC2086  # SELFTEST_ARGS is a list of flags
 step selftest "$CAP_SELFTEST" "$OUT/selftest.log" "$PY" -m margin_kernels.selftest $SELFTEST_ARGS
 tail -25 "$OUT/selftest.log"
