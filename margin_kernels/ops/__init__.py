@@ -22,7 +22,7 @@ from ..spec import MarginSpec
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
-# Module paths of the compiled backends, in the order "auto" tries them on a CUDA device.
+# Module paths of the compiled backends ("auto" tries them in `_AUTO_GPU_ORDER` on a CUDA device).
 _COMPILED = {"triton": "margin_kernels.ops.triton", "cuda": "margin_kernels.ops.cuda"}
 
 
