@@ -264,3 +264,56 @@ def lowp_errors(
     return [
         (rel_error(o, e), rel_error(t, e)) for o, t, e in zip(ours, torch_lp, exact, strict=True)
     ]
+
+
+# --- gloo process groups (the distributed tests) -------------------------------------------------
+def init_gloo(rank: int, world: int, store: str, timeout_s: float) -> None:
+    """Join a gloo group of ``world`` processes through a file store (one thread per process)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s / 2),
+    )
+
+
+def save_report_and_leave(report: dict, out_dir: str, rank: int) -> None:
+    """Write this rank's report, then leave together and skip the interpreter's shutdown: gloo's
+    background threads can abort a process at exit ("terminate called ...", SIGABRT) after all
+    its checks passed and its report was written."""
+    import os
+
+    import torch.distributed as dist
+
+    torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def run_gloo_group(worker: Callable, world: int, tmp_path, timeout_s: float) -> list[dict]:
+    """Spawn ``world`` processes running ``worker(rank, world, store, out_dir)`` (a module-level
+    function); fail, never hang, if they do not finish in time. Returns the ranks' reports."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=worker, args=(r, world, str(tmp_path / "store"), str(tmp_path)))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} of {world} workers hung past {timeout_s} s"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]

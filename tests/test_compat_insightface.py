@@ -15,17 +15,15 @@ assert on the reports. Single-process checks run in the test process, without to
 
 from __future__ import annotations
 
-import datetime
 import functools
 import math
-import multiprocessing
 import os
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE
+from helpers import TRITON_DEVICE, init_gloo, run_gloo_group, save_report_and_leave
 from torch import nn
 from torch.nn.functional import linear, normalize
 
@@ -381,50 +379,21 @@ def _checks(rank, world, tmp):
 
 
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S / 2),
-    )
+    init_gloo(rank, world, store, GROUP_TIMEOUT_S)
     report = {}
     for name, check in _checks(rank, world, out_dir):
         try:
             report[name] = (None, check())
         except Exception:
             report[name] = (traceback.format_exc(), None)
-    torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
-    # leave together and skip interpreter shutdown, where gloo threads can abort the process
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
-
-
-def _run_group(world: int, tmp_path: Path) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, str(tmp_path / "store"), str(tmp_path)))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(GROUP_TIMEOUT_S)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"{len(alive)} of {world} workers hung past {GROUP_TIMEOUT_S} s"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    save_report_and_leave(report, out_dir, rank)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
 def reports(request, tmp_path_factory):
-    return _run_group(request.param, tmp_path_factory.mktemp(f"world{request.param}"))
+    return run_gloo_group(
+        _worker, request.param, tmp_path_factory.mktemp(f"world{request.param}"), GROUP_TIMEOUT_S
+    )
 
 
 def _assert_passed(reports: list[dict], name: str) -> None:

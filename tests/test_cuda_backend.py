@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +22,13 @@ from helpers import (
     requires_cuda_extension,
     requires_extension,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import margin_kernels as mk
+
+# the allocation tracker of the benchmark harness (bench/ is a folder of scripts, not a package)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from harness import LiveBytes
+
 from margin_kernels import reference
 from margin_kernels.ops import cuda as cuda_backend
 from margin_kernels.spec import MarginSpec
@@ -672,47 +676,12 @@ def test_psi_large_m_chunked_matches_reference(m):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=label)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the storages that operators allocate while the mode is on: every new output
-    storage counts from its creation until Python frees it (a weakref finalizer)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._sizes: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # views and in-place results share an argument's storage: no new memory
-        inputs = {
-            a.untyped_storage().data_ptr()
-            for a in tree_flatten((args, kwargs))[0]
-            if isinstance(a, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if storage.nbytes() == 0 or key in self._sizes or key in inputs:
-                continue
-            self._sizes[key] = storage.nbytes()
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key)
-
-
 def _peak_extra_bytes(fn, x, w, y, spec, class_ids, **kwargs) -> int:
     """Peak memory of forward + backward beyond the outputs (the two (B,) parts and the two
     gradients, which a caller keeps)."""
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
-    with _LiveBytes() as tracker:
+    with LiveBytes() as tracker:
         neg_lse, t = fn(x, w, y, spec, class_ids, **kwargs)
         (torch.where(torch.isfinite(neg_lse), neg_lse, 0).sum() + t.sum()).backward()
     outputs = x.grad.nbytes + w.grad.nbytes + neg_lse.nbytes + t.nbytes

@@ -18,9 +18,7 @@ lse_parts: tests/test_shard_targets.py.)
 from __future__ import annotations
 
 import copy
-import datetime
 import importlib.util
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from cpu_backends import cpu_lse_parts
+from helpers import init_gloo, run_gloo_group, save_report_and_leave
 
 import margin_kernels as mk
 from margin_kernels.distributed import ClassParallelMarginLoss, shard_range
@@ -428,18 +427,9 @@ def _checks(rank, world, out_dir):
 
 
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
     if RUNNABLE["cuda_cpu"] is None:
         _use_cuda_cpu_twin()
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S / 2),
-    )
+    init_gloo(rank, world, store, GROUP_TIMEOUT_S)
     report = {}
     for name, check in _checks(rank, world, out_dir):
         try:
@@ -447,37 +437,14 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             report[name] = None
         except Exception:
             report[name] = traceback.format_exc()
-    torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
-    # Every rank leaves together, and skips the interpreter's shutdown: gloo's background threads
-    # can abort a process at exit ("terminate called ...", SIGABRT) after all its checks passed
-    # and its report was written, which would fail the group for a reason unrelated to the loss.
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
-
-
-def _run_group(world: int, tmp_path: Path) -> list[dict]:
-    """Spawn ``world`` gloo workers; fail (never hang) if they do not finish in time."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, str(tmp_path / "store"), str(tmp_path)))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(GROUP_TIMEOUT_S)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"{len(alive)} of {world} workers hung past {GROUP_TIMEOUT_S} s"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    save_report_and_leave(report, out_dir, rank)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
 def reports(request, tmp_path_factory):
-    return _run_group(request.param, tmp_path_factory.mktemp(f"world{request.param}"))
+    return run_gloo_group(
+        _worker, request.param, tmp_path_factory.mktemp(f"world{request.param}"), GROUP_TIMEOUT_S
+    )
 
 
 def _assert_passed(reports: list[dict], name: str) -> None:
