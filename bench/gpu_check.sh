@@ -46,7 +46,7 @@ CAP_BENCH=${CAP_BENCH:-150} CAP_COMPILE=${CAP_COMPILE:-60} CAP_TABLE=${CAP_TABLE
 CAP_MODEL=${CAP_MODEL:-20}
 SELFTEST_ARGS=${SELFTEST_ARGS---quick}
 BENCH_SHAPE=(--losses arcface --dtypes bf16 --batch 1024 --dim 512 --classes 1e5 1e6)
-BENCH_PROVIDERS=(triton cuda torch pml gemm)
+BENCH_PROVIDERS=(triton cuda torch gemm pml cce liger)  # peers are skipped when not installed
 HAS_MODEL=0
 [ -f bench/model.py ] && HAS_MODEL=1
 
