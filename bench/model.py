@@ -85,6 +85,33 @@ except ImportError:
 PREDICTED = "predicted"
 MiB = 2**20
 
+# Per-thread SASS instructions of the main loop of every sm_90 Triton GEMM build, written by
+# ``python tests/triton_aot.py --sass-json bench/triton_sass_sm90.json`` (the same builds the
+# ahead-of-time check compiles). The new Triton design's epilogue is costed from these issue
+# counts; a build missing from the file falls back to the per-logit ALU assumption.
+SASS_FILE = Path(__file__).with_name("triton_sass_sm90.json")
+
+
+def load_sass_counts(path: Path = SASS_FILE) -> dict:
+    """{(kernel, dtype, family, ids, needs_num, blocks, warps, stages): row} from the file."""
+    import json
+
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {sass_key(**{k: row[k] for k in SASS_KEY_FIELDS}): row for row in data["builds"]}
+
+
+SASS_KEY_FIELDS = ("kernel", "dtype", "family", "ids", "needs_num", "blocks", "warps", "stages")
+
+
+def sass_key(kernel, dtype, family, ids, needs_num, blocks, warps, stages) -> tuple:
+    return (kernel, dtype, int(family), bool(ids), bool(needs_num), blocks, int(warps),
+            int(stages))  # fmt: skip
+
+
+SASS_COUNTS = load_sass_counts()
+
 
 # --------------------------------------------------------------------------------------------
 # ceilings and assumptions
@@ -166,6 +193,9 @@ class Assumptions:
     # shared memory feeds 128 B/clk per SM (32 banks x 4 B); ldmatrix / wgmma descriptors read
     # each operand fragment from it once per 16-deep K step
     smem_bytes_per_clk: int = 128
+    # the second product's A operand P: False when the logits MMA splits N over the
+    # warpgroups (each then reads the whole P tile from shared memory, like an A operand)
+    p_in_registers: bool = False
     # the best a tuned tile loop keeps (cuBLAS: 790 of 989 TFLOP/s)
     triton_loop_fraction: float = 0.8
     # one stage and one resident program per SM: nothing hides a tile step's loads; the
@@ -196,6 +226,12 @@ class Assumptions:
     )
     mufu_per_logit: int = 1
     alu_lanes_per_clk: int = 128  # per SM: 4 schedulers x 32 lanes
+    # warp instructions issued per SM per clock (4 schedulers, one each): the ceiling for a
+    # loop costed from its SASS; its 16 independent logits per thread give the ILP that two
+    # warps per scheduler lack, so no further issue-efficiency factor is applied to it
+    issue_per_clk: int = 4
+    # what-if switch: fraction of the counted SASS a leaner loop would issue
+    issue_scale: float = 1.0
     mufu_lanes_per_clk: int = 16  # per SM
     # Triton (no warp specialisation): the exponentials and epilogue do not overlap the MMAs
     epilogue_overlaps_mma: bool = False
@@ -279,6 +315,9 @@ class KernelCost:
     fixed_s: float = 0.0  # launch overhead and other latency terms
     stall_s: float = 0.0  # chip-time of exposed load latency (no pipelining), serial with MMAs
     issue_efficiency: float = 1.0  # epilogue issue rate left by the resident warps
+    # warp instructions of the whole launch counted from its SASS (tile steps x loop
+    # instructions x warps); when set it replaces logits x alu_per_logit as the issue term
+    issue_warp_instructions: float = 0.0
     min_s: float = 0.0  # floor (host-side issue of small torch ops)
     note: str = ""
     # filled by evaluate()
@@ -317,6 +356,12 @@ def evaluate(cost: KernelCost, machine: Machine, a: Assumptions = ASSUMPTIONS) -
     else:
         epi_s = 0.0
     epi_s /= max(cost.issue_efficiency, 1e-9)
+    if cost.issue_warp_instructions:
+        issue_s = cost.issue_warp_instructions / (a.issue_per_clk * machine.num_sms
+                                                  * machine.clock_hz)  # fmt: skip
+        mufu_s = cost.logits * a.mufu_per_logit / (a.mufu_lanes_per_clk * machine.num_sms
+                                                   * machine.clock_hz)  # fmt: skip
+        epi_s = max(issue_s, mufu_s)
     compute = max(mma_s, epi_s) if a.epilogue_overlaps_mma else mma_s + epi_s
     cost.compute_s = (compute + cost.stall_s) / eff
     active_fraction = min(1.0, cost.programs / machine.num_sms)
@@ -558,13 +603,19 @@ def cost_of_launch(
             m2, k2 = bm, bn
         else:
             m2, k2 = bn, bm
-        second_s = second_flops / product_rate(shape, machine, m2, out_width, k2, warps, True, a)
+        # P crosses between the warpgroups (split along N for the logits) through shared memory
+        second_s = second_flops / product_rate(
+            shape, machine, m2, out_width, k2, warps, a.p_in_registers, a
+        )
         cost.mma_flops = logit_flops + second_flops
         cost.mma_rate = cost.mma_flops / (logit_s + second_s)
         cost.logits = covered
         cost.alu_per_logit = a.alu_per_logit[launch.role]
         resident_warps = cost.programs_per_sm * warps
         cost.issue_efficiency = min(1.0, resident_warps / a.warps_to_hide_alu)
+        sass = sass_row(launch, shape, needs_dx) if one_k else None
+        if sass is not None:
+            cost.issue_warp_instructions = tile_steps * sass["loop_sass"] * warps * a.issue_scale
         if launch.role == "dw":
             # owners: each W tile is read by the D-slice programs that cover it
             sharers = slices
@@ -592,8 +643,8 @@ def cost_of_launch(
             out = splits * B * acc * (2 + (D + 2 if needs_dx else 0))
             cost.note = f"{splits} class splits, {slices} D slice(s)"
         elif launch.role == "dw":
-            # the owners write the S sampled rows of dW once in W's dtype (Partial-FC zero-fills
-            # all C rows beforehand: a separate memset, costed by new_triton_costs)
+            # the owners write the S sampled rows of dW once in W's dtype (Partial-FC: the
+            # zero-fill kernel writes the other C - S rows; together one pass over dW)
             out = S * D * isz
             cost.dw_passes = 1.0
             cost.note = f"{slices} D slice(s); x re-read from L2 by every class tile"
@@ -625,9 +676,34 @@ def cost_of_launch(
         elif launch.role == "merge":
             splits = max(1, launch.col_tiles_per_program)
             cost.hbm_bytes = B * acc * (2 + (D if needs_dx else 0)) * (splits + 1)
+        elif launch.role == "zero_fill":
+            # the sampled-class flags (1 byte per class), zeros into the C - S unsampled rows
+            cost.hbm_bytes = shape.num_classes + (shape.num_classes - S) * D * isz
+            cost.dw_passes = (shape.num_classes - S) / shape.num_classes
         else:  # "rowwise": read and write `rows` rows of D elements
             cost.hbm_bytes = 2.0 * rows * D * isz
     return cost
+
+
+_SASS_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                torch.float64: "fp64"}  # fmt: skip
+
+
+def sass_row(launch: Launch, shape: Shape, needs_dx: bool) -> dict | None:
+    """The SASS counts of the build a GEMM launch runs (None when the file lacks it)."""
+    from margin_kernels.spec import KINDS
+
+    family = KINDS[shape.kind].family_id
+    prefix = f"{launch.block_m}x{launch.block_n}x{launch.block_k}x"
+    needs_num = needs_dx if launch.role == "forward" else True
+    for key, row in SASS_COUNTS.items():
+        kernel, dtype, fam, ids, num, blocks, warps, stages = key
+        if (kernel == launch.kernel and dtype == _SASS_DTYPES[shape.dtype] and fam == family
+                and ids == (shape.sample_rate < 1.0) and num == needs_num
+                and blocks.startswith(prefix) and warps == launch.num_warps
+                and stages == launch.num_stages and row.get("loop_sass")):  # fmt: skip
+            return row
+    return None
 
 
 def reference_new_plan(shape: Shape, needs_dx: bool, needs_dw: bool, num_sms: int = 132):
@@ -753,65 +829,35 @@ def new_triton_launches(shape: Shape, needs_dx: bool, needs_dw: bool, machine: M
     return reference_new_plan(shape, needs_dx, needs_dw, machine.num_sms), "model's reading"
 
 
-TRITON_WHAT_IFS = ("pipelined", "wgmma_dw", "block_n=128", "overlap")
-
-
-def _what_if_launch(launch: Launch, what_if: Sequence[str]) -> Launch:
-    """The launch as a what-if variant would configure it (see :func:`new_triton_costs`)."""
-    if launch.role not in GEMM_ROLES:
-        return launch
-    if "wgmma_dw" in what_if and launch.role == "dw" and launch.block_n < 64:
-        factor = 64 // max(1, launch.block_n)
-        grid = (math.ceil(launch.grid[0] / factor), *launch.grid[1:])
-        launch = replace(launch, block_n=64, grid=grid)
-    if "block_n=128" in what_if and launch.role == "forward" and launch.block_n < 128:
-        factor = 128 // max(1, launch.block_n)
-        per_program = math.ceil(launch.col_tiles_per_program / factor)
-        # the 128 x 512 W tile no longer fits beside x: it streams in 64-deep K steps through
-        # three stages (and is re-read from L2 for the second product)
-        launch = replace(
-            launch,
-            block_n=128,
-            block_k=min(launch.block_k, 64),
-            num_stages=max(launch.num_stages, 3),
-            col_tiles_per_program=per_program,
-        )
-    return launch
+TRITON_WHAT_IFS = ("lean_loop", "overlap")
 
 
 def new_triton_costs(
     shape: Shape, machine: Machine, backward: bool, what_if: Sequence[str] = ()
 ) -> list[KernelCost]:
-    """Costs of every launch of the new Triton design (forward, + backward when ``backward``),
-    plus the memset of dW that Partial-FC runs before the owners write the sampled rows.
+    """Costs of every launch of the new Triton design (forward, + backward when ``backward``);
+    Partial-FC's zero fill of the unsampled rows of dW is a launch of the plan.
 
-    ``what_if`` variants (none by default): "pipelined" — each tile step's loads hidden behind
-    the previous step's MMAs (two stages, or two programs per SM); "wgmma_dw" — dW owners of 64
-    classes (M = 64: wgmma instead of mma.sync for both products); "block_n=128" — forward
-    tiles of 128 classes (W in 64-deep K steps, three stages); "overlap" — exponentials
-    overlapped with the MMAs (warp specialisation / ping-pong), compute = max(MMA, epilogue)."""
+    ``what_if`` variants (none by default): "lean_loop" — half the SASS per tile step (tile
+    loads by TMA instead of per-element int64 addresses and masks, and a leaner epilogue);
+    "overlap" — the epilogue's instructions issued while the tensor cores run the other
+    warpgroup's MMAs (FlashAttention-3's ping-pong of two consumer warpgroups, warp
+    specialisation), compute = max(MMA, epilogue)."""
     unknown = set(what_if) - set(TRITON_WHAT_IFS)
     if unknown:
         raise ValueError(f"unknown Triton what-ifs {sorted(unknown)}; known: {TRITON_WHAT_IFS}")
     launches, _ = new_triton_launches(shape, backward, backward, machine)
     if not backward:
         launches = [launch for launch in launches if launch.phase == "forward"]
-    launches = [_what_if_launch(launch, what_if) for launch in launches]
     a = replace(
         ASSUMPTIONS,
         epilogue_overlaps_mma="overlap" in what_if,
-        loads_overlap="pipelined" in what_if,
+        issue_scale=0.5 if "lean_loop" in what_if else 1.0,
     )
     costs = [
         evaluate(cost_of_launch(launch, shape, machine, backward, a), machine, a)
         for launch in launches
     ]
-    if backward and shape.sampled != shape.num_classes:
-        dw_bytes = shape.num_classes * shape.dim * shape.itemsize
-        memset = _torch_pass("backward", "zeros dW (Partial-FC, torch)", dw_bytes, machine)
-        memset.dw_passes = 1.0
-        at = next((i for i, c in enumerate(costs) if c.role == "dw"), len(costs))
-        costs.insert(at, memset)
     return costs
 
 
@@ -1757,12 +1803,11 @@ def what_if_rows(machine: Machine) -> list[dict]:
 
     variants = [
         ("triton", "as merged", triton(())),
-        ("triton", "pipelined loads (2 stages or 2 programs/SM)", triton(("pipelined",))),
-        ("triton", "dW owners of 64 classes (wgmma)", triton(("wgmma_dw",))),
-        ("triton", "pipelined + wgmma dW", triton(("pipelined", "wgmma_dw"))),
-        ("triton", "pipelined + wgmma dW + exp overlapped",
-         triton(("pipelined", "wgmma_dw", "overlap"))),
-        ("triton", "all four (+ 128-class forward tiles)", triton(TRITON_WHAT_IFS)),
+        ("triton", "half the SASS per tile step (TMA loads, leaner masks)",
+         triton(("lean_loop",))),
+        ("triton", "epilogue overlapped with the MMAs (ping-pong warpgroups)",
+         triton(("overlap",))),
+        ("triton", "both", triton(TRITON_WHAT_IFS)),
         ("cuda", "as merged", lambda sh: new_cuda_costs(sh, machine, True)),
     ]  # fmt: skip
     rows = []

@@ -32,7 +32,9 @@ import itertools
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -130,10 +132,12 @@ def configurations() -> list[dict]:
                     interpret=False,
                     aligned=aligned,
                     kernel="dw" if name == "_dw_kernel" else "forward",
+                    has_ids=ids,
                 )
                 consts = dict(
                     NT=family, HAS_IDS=ids, ACC=acc, UPCAST=False, PRECISION=precision,
                     ONE_K=tile.one_k(dim), SCALE_OPS=dtype == torch.float16,
+                    EVEN_D=aligned and dim % tile.block_out == 0,
                     BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                     BLOCK_OUT=tile.block_out,
                 )  # fmt: skip
@@ -175,6 +179,41 @@ def _unique(builds: list[dict]) -> list[dict]:
     return out
 
 
+def _nvdisasm() -> str | None:
+    path = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "nvdisasm")
+    return path if os.path.exists(path) else None
+
+
+def sass_facts(cubin: bytes) -> dict:
+    """From the SASS of a build: ``loop_sass``, the instructions in its largest loop (the body
+    between the target of its longest backward branch and that branch, i.e. what each thread
+    issues per tile step, every branch of the body counted, the forward's rarely taken rescale
+    of the numerator too), and ``mma``, the tensor-core instruction the build uses ("wgmma"
+    for HGMMA, "mma.sync" for HMMA, "none"). Both None when nvdisasm is not shipped."""
+    tool = _nvdisasm()
+    if tool is None:
+        return dict(loop_sass=None, mma=None)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        text = subprocess.run([tool, "-c", fh.name], capture_output=True, text=True).stdout
+    labels, ops, loops = {}, [], []
+    for line in text.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        inst = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if inst:
+            ops.append(inst.group(1))
+    for index, inst in enumerate(ops):
+        target = re.search(r"BRA\s.*`\(\.(L_x_\d+)\)", inst)
+        if target and labels.get(target.group(1), index + 1) <= index:
+            loops.append(index + 1 - labels[target.group(1)])
+    mma = "wgmma" if "HGMMA" in text else "mma.sync" if "HMMA" in text else "none"
+    return dict(loop_sass=max(loops) if loops else None, mma=mma)
+
+
 def _compile_one(index: int) -> dict:
     cfg = configurations()[index]
     kernel = _KERNELS[cfg["kernel"]]
@@ -197,6 +236,10 @@ def _compile_one(index: int) -> dict:
         blocks="x".join(str(v) for k, v in consts.items() if k.startswith("BLOCK")),
         warps=opts.get("num_warps"), stages=opts.get("num_stages", 1),
         regs=regs, spill_stores=spill_st, spill_loads=spill_ld, shared=compiled.metadata.shared,
+        logits_per_thread=(consts["BLOCK_M"] * consts["BLOCK_N"] // (32 * opts["num_warps"])
+                           if "BLOCK_M" in consts else None),
+        **(sass_facts(compiled.asm["cubin"]) if "BLOCK_M" in consts
+           else dict(loop_sass=None, mma=None)),
     )  # fmt: skip
 
 
@@ -222,17 +265,56 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", help="regular expression over the build's description")
     parser.add_argument("--from-json", help="print the tables of a saved --json report")
+    parser.add_argument(
+        "--sass-json",
+        help="also write the GEMM builds' SASS loop counts here (bench/triton_sass_sm90.json, "
+        "read by bench/model.py)",
+    )
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as fh:
-            return _print_tables(json.load(fh))
+            rows = json.load(fh)
+        if args.sass_json:
+            write_sass_json(rows, args.sass_json)
+        return _print_tables(rows)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
     rows = report(args.jobs, args.only)
+    if args.sass_json:
+        write_sass_json(rows, args.sass_json)
     if args.json:
         print(json.dumps(rows))
         return 0
     return _print_tables(rows)
+
+
+def _per_logit(row: dict) -> str:
+    if not row.get("loop_sass") or not row.get("logits_per_thread"):
+        return ""
+    return f"{row['loop_sass'] / row['logits_per_thread']:.0f}"
+
+
+def write_sass_json(rows: list[dict], path: str) -> None:
+    """The aligned GEMM builds' SASS facts, keyed as bench/model.py looks them up."""
+    builds = [
+        dict(kernel=r["kernel"], dtype=r["dtype"], family=r["family"], ids=r["ids"],
+             needs_num=r["kernel"] == "_dw_kernel" or "NEEDS_NUM=True" in r["extra"],
+             blocks=r["blocks"], warps=r["warps"], stages=r["stages"],
+             loop_sass=r["loop_sass"], logits_per_thread=r["logits_per_thread"], mma=r["mma"],
+             regs=r["regs"], precision=r["precision"])
+        for r in rows
+        if r["kernel"] in ("_fwd_kernel", "_dw_kernel") and r["aligned"] and r["loop_sass"]
+        and r["precision"] != "tf32"
+    ]  # fmt: skip
+    payload = dict(
+        triton=triton.__version__, arch=f"sm_{ARCH}",
+        note="per-thread SASS instructions in each build's main loop (one tile step), written "
+             "by tests/triton_aot.py --sass-json; read by bench/model.py",
+        builds=builds,
+    )  # fmt: skip
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=1)
+        fh.write("\n")
 
 
 def _print_tables(rows: list[dict]) -> int:
@@ -248,14 +330,15 @@ def _print_tables(rows: list[dict]) -> int:
     print()
     print(
         "| kernel | dtype | precision | family | ids | aligned | D | flags | blocks | warps "
-        "| stages | regs | spills | smem |"
+        "| stages | regs | spills | smem | MMA | loop SASS | per logit |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kernel']} | {r['dtype']} | {r['precision']} | {r['family']} | {r['ids']} | "
               f"{r['aligned']} | {r['dim'] or ''} | {r['extra']} | "
               f"{r['blocks']} | {r['warps']} | {r['stages']} | {r['regs']} | "
-              f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} |")  # fmt: skip
+              f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r.get('mma') or ''} | "
+              f"{r.get('loop_sass') or ''} | {_per_logit(r)} |")  # fmt: skip
     return 0
 
 

@@ -54,6 +54,10 @@ NONTARGET_FAMILY = {name: info.family_id for name, info in KINDS.items()}
 # Every launch states the full per-thread register budget. Left to itself, ptxas (as Triton
 # drives it) caps some kernels at 96-128 registers to raise occupancy and spills instead.
 MAX_REGISTERS = 255
+# The forward's reference point M_i moves only when a logit passes it by more than this many
+# nats (so p = exp(f - M_i) <= e^8 ~ 3e3: finite in fp32 and bf16 for any number of classes),
+# which spares the rescale of the dX numerator on almost every class tile.
+RESCALE_SLACK_NATS = 8.0
 # Programs per SM the forward's class splits aim for (whole waves at one resident program).
 FORWARD_WAVES = 2
 
@@ -115,6 +119,7 @@ def gemm_tile(
     interpret: bool | None = None,
     aligned: bool = True,
     kernel: str = "forward",
+    has_ids: bool = False,
 ) -> Tile:
     """Tile of ``_fwd_kernel`` (``kernel="forward"``) or ``_dw_kernel`` (``"dw"``): rows x classes.
 
@@ -145,15 +150,14 @@ def gemm_tile(
                 return Tile(64, 32, padded, padded, 8, 2)
             return Tile(64, 32, 64, 128, 8, 2)
         if padded <= limit:
-            if padded >= 512:
-                # the (64, 512) fp32 accumulator takes 128 of the 255 registers: a narrower
-                # class tile and no second pipeline stage keep the rest spill-free (fp16 also
-                # scales its operands, SO-Softmax squares c; the dW kernel also stores through
-                # Partial-FC ids), on Triton 3.6 and 3.8
-                if kernel == "dw":
-                    return Tile(32, 32, padded, padded, 8, 1)
-                narrow = dtype == torch.float16 or family == NT_SO
-                return Tile(64, 16 if narrow else 32, padded, padded, 8, 1)
+            # 64 x 64 at 8 warps (two warpgroups): wgmma for both products (the logits split
+            # along N between the warpgroups, the second product along D), two stages of the
+            # streamed tile (W in the forward, x in the dW kernel: 64 KB each at D = 512) beside
+            # the tile held on chip; the (64, 512) fp32 accumulator is 128 of the 255 registers.
+            if kernel == "dw" and (has_ids or family == NT_SO):
+                # Partial-FC's gathered addresses (int64 class ids) and SO-Softmax's squared c
+                # need a few more registers than the 64-row step leaves: 32 rows, 3 stages
+                return Tile(32, 64, padded, padded, 8, 3)
             return Tile(64, 64, padded, padded, 8, 2)
         return Tile(64, 64, 64, 256, 8, 2)
     if dtype == torch.float32 and family != NT_W:
@@ -180,6 +184,14 @@ def row_tile(dtype: torch.dtype, interpret: bool | None = None) -> RowTile:
     if interpreting() if interpret is None else interpret:
         return RowTile(256, 16, 1)
     return RowTile(8, 64) if dtype == torch.float64 else RowTile(16, 64)
+
+
+def zero_tile(interpret: bool | None = None) -> RowTile:
+    """Partial-FC's zero fill of the unsampled rows of dW: 16 rows x 256 elements per step
+    (16-byte stores per thread at 4 warps), a pure store stream."""
+    if interpreting() if interpret is None else interpret:
+        return RowTile(64, 16, 1)
+    return RowTile(16, 256, 4)
 
 
 def forward_splits(batch: int, num_cols: int, tile: Tile, slices: int, num_sms: int) -> int:
@@ -256,7 +268,8 @@ def plan(
                "log-sum-exp and dX numerator of the splits, summed in split order"),
     ]  # fmt: skip
     if needs_dw and cols:
-        tile = gemm_tile(dtype, family, dim, interpret=False, kernel="dw")
+        tile = gemm_tile(dtype, family, dim, interpret=False, kernel="dw",
+                         has_ids=num_sampled is not None)
         slices = tile.slices(dim)
         row_blocks = max(1, math.ceil(batch / tile.block_m))
         col_tiles = max(1, math.ceil(cols / tile.block_n))
@@ -278,6 +291,16 @@ def plan(
                 "tile in order (x from L2), W tile on chip when one K step",
             )
         )
+    if needs_dw and cols and num_sampled is not None:
+        zt = zero_tile(interpret=False)
+        out.insert(
+            len(out) - 1,
+            Launch("backward", "_zero_unsampled_kernel", "zero_fill",
+                   (math.ceil(num_classes / zt.block_r),), zt.block_r, 0, zt.block_k,
+                   zt.num_warps, 1, 1, 0,
+                   "class rows in order; writes the unsampled rows only (the owners, launched "
+                   "next, write the sampled ones): one pass over dW"),
+        )  # fmt: skip
     out.append(
         Launch(
             "backward",

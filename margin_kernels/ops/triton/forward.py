@@ -8,8 +8,10 @@ All offsets where an index meets a stride are int64: a column-major W of C > 2^3
 from __future__ import annotations
 
 from ._compat import HAS_TRITON, tl, triton
+from .config import RESCALE_SLACK_NATS
 
 if HAS_TRITON:
+    RESCALE_SLACK = tl.constexpr(RESCALE_SLACK_NATS)
     from .margin_math import (
         EPS_NORM,
         K_ARCFACE,
@@ -34,6 +36,8 @@ if HAS_TRITON:
         P_S,
         P_SIN_M,
         _accumulate_rows,
+        _mma_operand,
+        _zero_operand,
         _arc_margin,
         _logit_grads,
         _nontarget_logits,
@@ -155,11 +159,17 @@ if HAS_TRITON:
         stride_xb, stride_xd, stride_wc, stride_wd,
         NT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        CLASS_MAJOR: tl.constexpr,
     ):  # fmt: skip
         """Raw dots d = X[rows] W[cls]^T (and for W-Softmax e = W[y] W[cls]^T) over BLOCK_K
-        steps of D, for tiles that do not hold all of D."""
-        d = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        e = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        steps of D, for tiles that do not hold all of D: (BLOCK_M, BLOCK_N), or with
+        CLASS_MAJOR their transposes (BLOCK_N, BLOCK_M), W[cls] as the A operand."""
+        if CLASS_MAJOR:
+            d = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
+            e = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
+        else:
+            d = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+            e = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             kmask = kk < D
@@ -171,13 +181,21 @@ if HAS_TRITON:
             if UPCAST:
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
-            d = tl.dot(xt, wt, d, input_precision=PRECISION, out_dtype=ACC)
+            if CLASS_MAJOR:
+                d = tl.dot(tl.trans(wt), tl.trans(xt), d, input_precision=PRECISION,
+                           out_dtype=ACC)  # fmt: skip
+            else:
+                d = tl.dot(xt, wt, d, input_precision=PRECISION, out_dtype=ACC)
             if NT == NT_WEIGHTED:
                 yt = tl.load(W + y_safe[:, None] * stride_wc + kk[None, :] * stride_wd,
                              mask=row_mask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
                 if UPCAST:
                     yt = yt.to(tl.float32)
-                e = tl.dot(yt, wt, e, input_precision=PRECISION, out_dtype=ACC)
+                if CLASS_MAJOR:
+                    e = tl.dot(tl.trans(wt), tl.trans(yt), e, input_precision=PRECISION,
+                               out_dtype=ACC)  # fmt: skip
+                else:
+                    e = tl.dot(yt, wt, e, input_precision=PRECISION, out_dtype=ACC)
         return d, e
 
     @triton.jit
@@ -186,8 +204,9 @@ if HAS_TRITON:
         B, S, D, cols_per_split, row_blocks, stride_xb, stride_xd, stride_wc, stride_wd,
         NT: tl.constexpr, HAS_IDS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr, NEEDS_NUM: tl.constexpr, ONE_K: tl.constexpr,
-        SCALE_OPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
+        SCALE_OPS: tl.constexpr, EVEN_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_OUT: tl.constexpr,
     ):  # fmt: skip
         """Online log-sum-exp of the non-target logits of BLOCK_M rows over one class split,
         and (NEEDS_NUM) the split's dX numerator on one D slice.
@@ -210,6 +229,7 @@ if HAS_TRITON:
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         rows64 = rows.to(tl.int64)
         row_mask = rows < B
+        rows_live = rb * BLOCK_M < B
         y = tl.load(Y + rows, mask=row_mask, other=-1)
         y_safe = tl.where(y >= 0, y, 0).to(tl.int64)
         nx = tl.load(NX + rows, mask=row_mask, other=1.0)
@@ -218,6 +238,8 @@ if HAS_TRITON:
         if NT == NT_WEIGHTED:
             cy = tl.load(CY + rows, mask=row_mask, other=0.0)
             ny = tl.load(NY + rows, mask=row_mask, other=1.0)
+        rnx = 1.0 / nx
+        rny = 1.0 / ny
         s = tl.load(PARAMS + P_S)
         marg = tl.load(PARAMS + P_M)
         lambda_n = tl.load(PARAMS + P_LAMBDA_N)
@@ -239,7 +261,8 @@ if HAS_TRITON:
                 wy_t = wy_t.to(tl.float32)
         col_start = split * cols_per_split
         col_end = tl.minimum(col_start + cols_per_split, S)
-        # finite start, so that a fully masked tile rescales by exp(0), never exp(nan)
+        # finite start, so that a fully masked tile rescales by exp(0), never exp(nan); the
+        # first live tile always moves it
         run_max = tl.full((BLOCK_M,), -1e30, ACC)
         run_sum = tl.zeros((BLOCK_M,), dtype=ACC)
         r_nx = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -247,19 +270,25 @@ if HAS_TRITON:
         r_ny = tl.zeros((BLOCK_M,), dtype=ACC)
         acc = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=ACC)
         acc_y = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=ACC)
+        y32 = y.to(tl.int32)  # classes < 2^31: int32 compares in the per-logit mask
         for c0 in range(col_start, col_end, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             col_mask = cols < col_end
             if HAS_IDS:
                 cls = tl.load(IDS + cols, mask=col_mask, other=0).to(tl.int64)
+                cls32 = cls.to(tl.int32)
             else:
                 cls = cols.to(tl.int64)
+                cls32 = cols
             nw = tl.load(NW + cols, mask=col_mask, other=1.0)
             # a column takes part unless it is padding or the row's own target
-            live = row_mask[:, None] & col_mask[None, :] & (cls[None, :] != y[:, None])
+            live = row_mask[:, None] & col_mask[None, :] & (cls32[None, :] != y32[:, None])
             if ONE_K:
-                w_t = tl.load(W + cls[:, None] * stride_wc + kk_out[None, :] * stride_wd,
-                              mask=col_mask[:, None] & out_kmask[None, :], other=0.0)  # fmt: skip
+                w_ptrs = W + cls[:, None] * stride_wc + kk_out[None, :] * stride_wd
+                if EVEN_D:
+                    w_t = tl.load(w_ptrs, mask=col_mask[:, None], other=0.0)
+                else:
+                    w_t = tl.load(w_ptrs, mask=col_mask[:, None] & out_kmask[None, :], other=0.0)
                 if UPCAST:
                     w_t = w_t.to(tl.float32)
                 d = tl.dot(x_t, tl.trans(w_t), input_precision=PRECISION, out_dtype=ACC)
@@ -270,51 +299,59 @@ if HAS_TRITON:
                 d, e = _logits_k_loop(
                     X, W, rows64, row_mask, cls, col_mask, y_safe, D,
                     stride_xb, stride_xd, stride_wc, stride_wd,
-                    NT, ACC, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                    NT, ACC, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False,
                 )  # fmt: skip
             nx2 = nx[:, None]
-            nw2 = nw[None, :]
-            f = _nontarget_logits(d, e, nx2, nw2, cy[:, None], ny[:, None], s, marg, lambda_n,
-                                  alpha, NT)  # fmt: skip
+            rnx2 = rnx[:, None]
+            rnw2 = (1.0 / nw)[None, :]
+            f = _nontarget_logits(d, e, nx2, rnx2, rnw2, cy[:, None], rny[:, None], s, marg,
+                                  lambda_n, alpha, NT)  # fmt: skip
             # the target column is masked out: LSE over j != y only
             f = tl.where(live, f, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(f, axis=1))
+            # The reference point M_i only has to keep exp(f - M_i) finite, not to be the max:
+            # it moves only when a logit passes it by more than RESCALE_SLACK nats (p <= e^8,
+            # exact either way), so after the first tiles the (BLOCK_M, BLOCK_OUT) numerator is
+            # almost never rescaled (BLOCK_OUT / BLOCK_N multiplies per logit when it is).
+            tile_max = tl.max(f, axis=1)
+            new_max = tl.where(tile_max > run_max + RESCALE_SLACK, tile_max, run_max)
             rescale = tl.exp(run_max - new_max)
             p = tl.exp(f - new_max[:, None])  # 0 on masked columns
             run_sum = run_sum * rescale + tl.sum(p, axis=1)
             if NEEDS_NUM:
                 # f on the masked columns is -inf (p = 0 there): pass 0 so that no 0 * inf
                 dd, de, g_nx, g_cy, g_ny, _g_nw = _logit_grads(
-                    p,
-                    d,
-                    e,
-                    tl.where(live, f, 0.0),
-                    nx2,
-                    nw2,
-                    cy[:, None],
-                    ny[:, None],
-                    s,
-                    lambda_n,
-                    alpha,
-                    NT,
-                )
+                    p, d, e, tl.where(live, f, 0.0), nx2, rnx2, rnw2, cy[:, None], rny[:, None],
+                    s, lambda_n, alpha, NT,
+                )  # fmt: skip
                 dd = tl.where(live, dd, 0.0)
+                de = tl.where(live, de, 0.0)
                 if ONE_K:
                     w_out = w_t
                 else:
                     w_out = tl.load(W + cls[:, None] * stride_wc + kk_out[None, :] * stride_wd,
                                     mask=col_mask[:, None] & out_kmask[None, :],
                                     other=0.0)  # fmt: skip
-                # dX numerator: sum_j P_ij (df/dd)_ij W_j, flash-attention rescaled
-                acc = _accumulate_rows(
-                    acc, rescale, dd, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
-                )
+                # The branch below is taken by every launched program (its row block has
+                # rows); it exists so that the logits reach the second MMA only through its
+                # yield (see _mma_operand: no chained-dot layout, no duplicated logits MMA).
+                if rows_live:
+                    if tl.max(new_max - run_max, axis=0) > 0:
+                        # flash-attention rescale of the numerators, only when a reference moved
+                        acc = acc * rescale[:, None]
+                        if NT == NT_WEIGHTED:
+                            acc_y = acc_y * rescale[:, None]
+                    op, op_scale = _mma_operand(dd, op_dtype, UPCAST, SCALE_OPS)
+                    op_y, op_y_scale = _mma_operand(de, op_dtype, UPCAST, SCALE_OPS)
+                else:
+                    op, op_scale = _zero_operand(dd, op_dtype, UPCAST)
+                    op_y, op_y_scale = _zero_operand(de, op_dtype, UPCAST)
+                # dX numerator: sum_j P_ij (df/dd)_ij W_j
+                acc = _accumulate_rows(acc, op, op_scale, w_out, ACC, UPCAST, SCALE_OPS, PRECISION)
                 if NT != NT_RAW:
                     r_nx = r_nx * rescale + tl.sum(tl.where(live, g_nx, 0.0), axis=1)
                 if NT == NT_WEIGHTED:
-                    de = tl.where(live, de, 0.0)
                     acc_y = _accumulate_rows(
-                        acc_y, rescale, de, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION
+                        acc_y, op_y, op_y_scale, w_out, ACC, UPCAST, SCALE_OPS, PRECISION
                     )
                     r_cy = r_cy * rescale + tl.sum(tl.where(live, g_cy, 0.0), axis=1)
                     r_ny = r_ny * rescale + tl.sum(tl.where(live, g_ny, 0.0), axis=1)

@@ -161,29 +161,34 @@ if HAS_TRITON:
         return s * value, s * deriv
 
     @triton.jit
-    def _nontarget_logits(d, e, nx, nw, cy, ny, s, marg, lambda_n, alpha, NT: tl.constexpr):
-        """f_ij from the raw dot d; nx, cy, ny are (BLOCK_M, 1), nw is (1, BLOCK_N)."""
+    def _nontarget_logits(d, e, nx, rnx, rnw, cy, rny, s, marg, lambda_n, alpha,
+                          NT: tl.constexpr):  # fmt: skip
+        """f_ij from the raw dot d. nx, rnx = 1/nx, cy and rny = 1/ny broadcast along the row
+        axis of the tile and rnw = 1/nw along its class axis (rows x classes in the forward,
+        classes x rows in the dW kernel). Reciprocals, not divisions: an IEEE division is a
+        ~10-instruction sequence per element, the reciprocals cost one per row or class."""
         if NT == NT_RAW:
             f = d  # raw logit W_j . x
         elif NT == NT_FEATURE_NORM:
-            f = d / nw  # ||x|| c = x . W_j / ||W_j||
+            f = d * rnw  # ||x|| c = x . W_j / ||W_j||
         elif NT == NT_SCALED:
-            f = s * (d / (nx * nw))  # s c
+            f = s * (d * (rnx * rnw))  # s c
         elif NT == NT_SQUARED:
-            c = d / (nx * nw)
+            c = d * (rnx * rnw)
             f = lambda_n * (c * c - marg * marg)
         else:
-            c = d / (nx * nw)
-            g = e / (ny * nw)  # w_y . w_j of unit vectors
+            c = d * (rnx * rnw)
+            g = e * (rny * rnw)  # w_y . w_j of unit vectors
             q = tl.sqrt(tl.maximum(1.0 + alpha * alpha + 2.0 * alpha * g, EPS_NORM))
             f = nx * (alpha * cy + c) / q
         return f
 
     @triton.jit
-    def _logit_grads(p, d, e, f, nx, nw, cy, ny, s, lambda_n, alpha, NT: tl.constexpr):
+    def _logit_grads(p, d, e, f, nx, rnx, rnw, cy, rny, s, lambda_n, alpha, NT: tl.constexpr):
         """Given p = dL/df on a tile, the loss's derivatives with respect to the tile's pieces:
         dd = dL/dd, de = dL/de (W-Softmax), and the per-element terms of dL/dnx, dL/dc_y,
-        dL/dny (summed over columns by the caller) and dL/dnw (summed over rows)."""
+        dL/dny (summed over columns by the caller) and dL/dnw (summed over rows). Arguments as
+        in :func:`_nontarget_logits`; terms a caller does not use are dead code to Triton."""
         zero = tl.zeros(p.shape, p.dtype)
         de = zero
         d_nx = zero
@@ -193,28 +198,30 @@ if HAS_TRITON:
         if NT == NT_RAW:
             dd = p  # df/dd = 1
         elif NT == NT_FEATURE_NORM:
-            dd = p / nw  # f = d / nw
-            d_nw = -p * f / nw
+            dd = p * rnw  # f = d / nw
+            d_nw = -p * f * rnw
         elif NT == NT_SCALED or NT == NT_SQUARED:  # noqa: SIM109 (no `in` under jit)
-            c = d / (nx * nw)
+            u = rnx * rnw
+            c = d * u
             h = p * s  # f = s c
             if NT == NT_SQUARED:
                 h = p * 2.0 * lambda_n * c  # f = lambda_n (c^2 - m^2)
-            dd = h / (nx * nw)  # c = d / (nx nw)
-            d_nx = -h * c / nx
-            d_nw = -h * c / nw
+            dd = h * u  # c = d / (nx nw)
+            hc = h * c
+            d_nx = -hc * rnx
+            d_nw = -hc * rnw
         else:
-            c = d / (nx * nw)
-            g = e / (ny * nw)
-            q = tl.sqrt(tl.maximum(1.0 + alpha * alpha + 2.0 * alpha * g, EPS_NORM))
+            c = d * (rnx * rnw)
+            g = e * (rny * rnw)
+            rq = 1.0 / tl.sqrt(tl.maximum(1.0 + alpha * alpha + 2.0 * alpha * g, EPS_NORM))
             # f = (alpha nx c_y + d / nw) / q,  q = sqrt(1 + alpha^2 + 2 alpha e / (ny nw))
-            dq = -p * f * alpha / (q * q)  # dL/dg through q
-            dd = p / (nw * q)
-            de = dq / (ny * nw)
-            d_nw = -p * d / (nw * nw * q) - dq * g / nw
-            d_nx = p * alpha * cy / q
-            d_cy = p * alpha * nx / q
-            d_ny = -dq * g / ny
+            dq = -p * f * alpha * (rq * rq)  # dL/dg through q
+            dd = p * rnw * rq
+            de = dq * (rny * rnw)
+            d_nw = -p * d * (rnw * rnw) * rq - dq * g * rnw
+            d_nx = p * alpha * cy * rq
+            d_cy = p * alpha * nx * rq
+            d_ny = -dq * g * rny
         return dd, de, d_nx, d_cy, d_ny, d_nw
 
     @triton.jit
@@ -227,23 +234,82 @@ if HAS_TRITON:
         return tl.where((big > 0) & (big < float("inf")), tl.exp2(-expo), 1.0)
 
     @triton.jit
-    def _accumulate_rows(acc, rescale, h, v, OP_DTYPE: tl.constexpr, ACC: tl.constexpr,
-                         UPCAST: tl.constexpr, SCALE_OPS: tl.constexpr,
-                         PRECISION: tl.constexpr):  # fmt: skip
-        """acc * rescale[:, None] + h @ v, (M, N) x (N, K) -> (M, K) in ACC, with h cast to
-        the operand dtype. The product accumulates into acc in place (no second (M, K) tile
-        of registers). With SCALE_OPS each row of h is scaled by a power of two first: the
-        accumulator is scaled along and unscaled after, exactly."""
+    def _mma_operand(h, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr, SCALE_OPS: tl.constexpr):
+        """(A operand, row scale) of the second product ``h @ v``: h cast to the operand dtype;
+        with SCALE_OPS each row scaled by a power of two into [1, 2) first (``_pow2_scale``).
+
+        Callers build it inside a branch on a condition that does not depend on the logits:
+        a value that leaves an ``scf.if`` through its yield ends the forward slice that Triton
+        inspects for chained dots. Seen as a chain, the logits MMA gets all warps along M, and
+        a 64-row tile with two warpgroups then has both compute the same logits (half the
+        tensor-core work wasted); instead the warpgroups split the logits along N and the
+        operand crosses between them through shared memory (BLOCK_M x BLOCK_N values)."""
         if UPCAST:
-            out = tl.dot(h, v.to(tl.float32), acc * rescale[:, None], input_precision=PRECISION,
-                         out_dtype=ACC)  # fmt: skip
+            op = h
+            scale = tl.full((h.shape[0],), 1.0, h.dtype)
         elif SCALE_OPS:
             scale = _pow2_scale(tl.max(tl.abs(h), axis=1))
             op = (h * scale[:, None]).to(OP_DTYPE)
-            out = tl.dot(op, v, acc * (rescale * scale)[:, None], input_precision=PRECISION,
-                         out_dtype=ACC)  # fmt: skip
+        else:
+            op = h.to(OP_DTYPE)
+            scale = tl.full((h.shape[0],), 1.0, h.dtype)
+        return op, scale
+
+    @triton.jit
+    def _zero_operand(h, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+        """The other branch of :func:`_mma_operand`: zeros and unit scales, same types."""
+        scale = tl.full((h.shape[0],), 1.0, h.dtype)
+        if UPCAST:
+            op = tl.zeros(h.shape, h.dtype)
+        else:
+            op = tl.zeros(h.shape, OP_DTYPE)
+        return op, scale
+
+    @triton.jit
+    def _accumulate_rows(acc, op, scale, v, ACC: tl.constexpr, UPCAST: tl.constexpr,
+                         SCALE_OPS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """acc + (op / scale[:, None]) @ v, (M, N) x (N, K) -> (M, K) in ACC, for an operand from
+        :func:`_mma_operand`. The product accumulates into acc in place (no second (M, K) tile
+        of registers); with SCALE_OPS the accumulator is scaled along and unscaled after,
+        exactly (powers of two). Callers rescale acc themselves (the forward only when its
+        reference point moved)."""
+        if UPCAST:
+            out = tl.dot(op, v.to(tl.float32), acc, input_precision=PRECISION, out_dtype=ACC)
+        elif SCALE_OPS:
+            out = tl.dot(op, v, acc * scale[:, None], input_precision=PRECISION, out_dtype=ACC)
             out = out * (1.0 / scale)[:, None]
         else:
-            out = tl.dot(h.to(OP_DTYPE), v, acc * rescale[:, None], input_precision=PRECISION,
-                         out_dtype=ACC)  # fmt: skip
+            out = tl.dot(op, v, acc, input_precision=PRECISION, out_dtype=ACC)
         return out
+
+    @triton.jit
+    def _add_scaled_rows(acc, coef, v, OP_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr):  # fmt: skip
+        """acc + coef[:, None] * v for a 16-bit (BLOCK_N, K) tile v, as three MMAs
+        diag(c_1 + c_2 + c_3) @ v: coef split into parts of the operand dtype (bf16: 8 + 8 + 8
+        bits, the whole fp32 significand; fp16: 11 + 11 + a few, after each row is scaled by a
+        power of two into [1, 2) so that the parts stay in fp16's range), each product exact
+        and summed in the fp32 accumulator (scaled along with the row and unscaled after)."""
+        eye = tl.arange(0, BLOCK_N)[:, None] == tl.arange(0, BLOCK_N)[None, :]
+        if OP_DTYPE == tl.float16:
+            scale = _pow2_scale(tl.abs(coef))
+            acc = acc * scale[:, None]
+            rest = coef * scale
+        else:
+            rest = coef
+        # a loop, not unrolled: three dots in a row would make Triton lay the first two out for
+        # a chain (all warps along M) and convert the accumulator between layouts
+        for _ in range(3):
+            part = rest.to(OP_DTYPE).to(ACC)  # round to nearest: rest - part is exact
+            rest = rest - part
+            diag = tl.where(eye, part[:, None], 0.0)
+            if UPCAST:
+                acc = tl.dot(diag, v.to(tl.float32), acc, input_precision=PRECISION,
+                             out_dtype=ACC)  # fmt: skip
+            else:
+                acc = tl.dot(diag.to(OP_DTYPE), v, acc, input_precision=PRECISION,
+                             out_dtype=ACC)  # fmt: skip
+        if OP_DTYPE == tl.float16:
+            acc = acc * (1.0 / scale)[:, None]
+        return acc

@@ -32,7 +32,7 @@ from .margin_math import kernel_params
 if HAS_TRITON:
     import triton.language as tl
 
-    from .backward import _dw_kernel
+    from .backward import _dw_kernel, _zero_unsampled_kernel
     from .forward import _fwd_kernel, _row_norm_kernel, _target_kernel
 
 __all__ = ["HAS_TRITON", "INTERPRET", "lse_parts", "unavailable_reason"]
@@ -92,6 +92,7 @@ def _gemm_common(dtype: torch.dtype, family: int, has_ids: bool, tile: config.Ti
         UPCAST=INTERPRET and dtype == torch.bfloat16,  # the interpreter's bf16 dot is wrong
         PRECISION=_precision(dtype), ONE_K=tile.one_k(dim),
         SCALE_OPS=dtype == torch.float16,  # fp16's range, not bf16's: scale second-GEMM operands
+        EVEN_D=dim % tile.block_out == 0,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         BLOCK_OUT=tile.block_out, num_warps=tile.num_warps, num_stages=tile.num_stages,
         maxnreg=config.MAX_REGISTERS,
@@ -200,15 +201,27 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
     _, a, bx, by, cy, ny, nx, r_nx, r_cy, r_ny = row_stats
     g = grad_lse.to(acc_t).contiguous()
     grad_t = grad_t.to(acc_t)
-    if ids is None and n_cols:
+    owners_write = needs_dw and n_cols and batch
+    if owners_write:
+        # every row is written once by a kernel: the owners the sampled (or all) classes,
+        # _zero_unsampled_kernel the others (Partial-FC); no memset beforehand
         dw = torch.empty(num_classes, dim, device=weight.device, dtype=weight.dtype)
     else:
         dw = torch.zeros(num_classes, dim, device=weight.device, dtype=weight.dtype)
-    if needs_dw and n_cols and batch:
+    if owners_write:
         pvec = torch.tensor(kernel_params(params, _psi_m(kind, params)), dtype=acc_t)
         aligned = config.is_aligned(dim, x, weight)
-        tile = config.gemm_tile(x.dtype, family, dim, aligned=aligned, kernel="dw")
+        tile = config.gemm_tile(x.dtype, family, dim, aligned=aligned, kernel="dw",
+                                has_ids=ids is not None)
         slices = tile.slices(dim)
+        if ids is not None:
+            sampled = torch.zeros(num_classes, device=weight.device, dtype=torch.int8)
+            sampled[ids] = 1
+            zt = config.zero_tile()
+            _zero_unsampled_kernel[(triton.cdiv(num_classes, zt.block_r),)](
+                DW=dw, SAMPLED=sampled, C=num_classes, D=dim,
+                BLOCK_R=zt.block_r, BLOCK_D=zt.block_k, num_warps=zt.num_warps,
+            )  # fmt: skip
         _dw_kernel[(triton.cdiv(n_cols, tile.block_n) * slices,)](
             X=x, W=weight, Y=y, IDS=ids if ids is not None else y, NX=nx, NW=nw, CY=cy, NY=ny,
             PARAMS=pvec.to(x.device), LSE=neg_lse, GLSE=g, DW=dw, B=batch, S=n_cols, D=dim,
@@ -216,8 +229,6 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
             stride_wc=weight.stride(0), stride_wd=weight.stride(1),
             **_gemm_common(x.dtype, family, ids is not None, tile, dim),
         )  # fmt: skip
-    elif ids is None and n_cols:
-        dw.zero_()
     # Row terms, O(B D): the target logit and W-Softmax's c_y, ny enter through the target dot
     # d_y = x . W_y and the norms nx, ny. With r = dL/dc_y and c_y = d_y / (nx ny):
     coef_dy = grad_t * a + g * r_cy / (nx * ny)  # dL/dd_y
