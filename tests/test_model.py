@@ -285,7 +285,7 @@ def test_headline_epilogue_is_costed_from_the_compiled_sass(model):
     issue term is tile steps x loop SASS x warps."""
     shape = model.SHAPES[0]
     launches, _ = model.new_triton_launches(shape, True, True, model.MACHINES["h100"])
-    for launch in (l for l in launches if l.role in ("forward", "dw")):
+    for launch in (one for one in launches if one.role in ("forward", "dw")):
         row = model.sass_row(launch, shape, True)
         assert row is not None and row["mma"] == "wgmma", launch
         cost = model.cost_of_launch(launch, shape, model.MACHINES["h100"], True)

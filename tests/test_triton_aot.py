@@ -65,3 +65,41 @@ def test_all_of_d_on_chip_at_d_512_for_16_bit_inputs(aot_rows):
 
 def test_shared_memory_fits_hopper(aot_rows):
     assert max(r["shared"] for r in aot_rows) <= MAX_SHARED
+
+
+def test_headline_builds_run_both_products_on_wgmma(aot_rows):
+    """At D = 512 the 16-bit GEMM builds use Hopper's wgmma (HGMMA in their SASS), not the
+    legacy mma.sync, and pipeline their streamed tile (two or three stages)."""
+    rows = [r for r in aot_rows if r["kernel"] in ("_fwd_kernel", "_dw_kernel")
+            and r["dtype"] in ("bf16", "fp16") and r["dim"] == 512 and r["family"] != 4
+            and r["aligned"]]  # fmt: skip
+    assert rows
+    if rows[0]["mma"] is None:
+        pytest.skip("this Triton ships no nvdisasm")
+    assert all(r["mma"] == "wgmma" and r["stages"] >= 2 for r in rows), [
+        (r["kernel"], r["dtype"], r["family"], r["mma"], r["stages"]) for r in rows
+    ]
+
+
+def test_model_sass_counts_match_these_builds(aot_rows):
+    """bench/triton_sass_sm90.json (what bench/model.py costs the loops from) lists every aligned
+    GEMM build of this matrix with its tile; on the Triton that wrote it, the same counts."""
+    path = Path(__file__).parents[1] / "bench" / "triton_sass_sm90.json"
+    data = json.loads(path.read_text())
+    import triton
+
+    def key(row):
+        num = row["kernel"] == "_dw_kernel" or row.get(
+            "needs_num", "NEEDS_NUM=True" in row.get("extra", "")
+        )
+        return (row["kernel"], row["dtype"], row["family"], row["ids"], bool(num),
+                row["blocks"], row["warps"], row["stages"])  # fmt: skip
+
+    saved = {key(row): row for row in data["builds"]}
+    built = {key(r): r for r in aot_rows if r["kernel"] in ("_fwd_kernel", "_dw_kernel")
+             and r["aligned"] and r["precision"] != "tf32" and r["loop_sass"]}  # fmt: skip
+    if not built:
+        pytest.skip("this Triton ships no nvdisasm")
+    assert set(built) == set(saved), "regenerate with tests/triton_aot.py --sass-json"
+    if data["triton"] == triton.__version__:
+        assert all(saved[k]["loop_sass"] == built[k]["loop_sass"] for k in built)

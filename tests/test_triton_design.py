@@ -21,10 +21,9 @@ tb = pytest.importorskip("margin_kernels.ops.triton")
 if not tb.HAS_TRITON or not tb.INTERPRET:
     pytest.skip("runs the Triton kernels under TRITON_INTERPRET=1", allow_module_level=True)
 
-from helpers import assert_backend_parity  # noqa: E402
-
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from helpers import assert_backend_parity  # noqa: E402
 
 from margin_kernels.ops.triton import config  # noqa: E402
 from margin_kernels.ops.triton import ops as triton_ops  # noqa: E402
@@ -90,7 +89,7 @@ def _reference_moves(x, w, s):
     f = s * torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w).T
     moves = 0
     for start in range(0, w.shape[0], per_split):
-        tiles = f[:, start:start + per_split].split(tile.block_n, dim=1)
+        tiles = f[:, start : start + per_split].split(tile.block_n, dim=1)
         ref = tiles[0].amax(dim=1)
         for t in tiles[1:]:
             top = t.amax(dim=1)

@@ -15,11 +15,11 @@ if HAS_TRITON:
         P_M,
         P_S,
         _accumulate_rows,
-        _mma_operand,
-        _zero_operand,
         _add_scaled_rows,
         _logit_grads,
+        _mma_operand,
         _nontarget_logits,
+        _zero_operand,
     )
 
     @triton.jit
@@ -177,4 +177,3 @@ if HAS_TRITON:
             kk = k0 + tl.arange(0, BLOCK_D).to(tl.int64)
             tl.store(DW + rows[:, None] * D + kk[None, :], zero,
                      mask=write[:, None] & (kk[None, :] < D))  # fmt: skip
-

@@ -268,8 +268,9 @@ def plan(
                "log-sum-exp and dX numerator of the splits, summed in split order"),
     ]  # fmt: skip
     if needs_dw and cols:
-        tile = gemm_tile(dtype, family, dim, interpret=False, kernel="dw",
-                         has_ids=num_sampled is not None)
+        tile = gemm_tile(
+            dtype, family, dim, interpret=False, kernel="dw", has_ids=num_sampled is not None
+        )
         slices = tile.slices(dim)
         row_blocks = max(1, math.ceil(batch / tile.block_m))
         col_tiles = max(1, math.ceil(cols / tile.block_n))

@@ -36,12 +36,12 @@ if HAS_TRITON:
         P_S,
         P_SIN_M,
         _accumulate_rows,
-        _mma_operand,
-        _zero_operand,
         _arc_margin,
         _logit_grads,
+        _mma_operand,
         _nontarget_logits,
         _psi_blend,
+        _zero_operand,
     )
 
     @triton.jit

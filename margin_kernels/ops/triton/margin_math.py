@@ -259,7 +259,7 @@ if HAS_TRITON:
     def _zero_operand(h, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
         """The other branch of :func:`_mma_operand`: zeros and unit scales, same types."""
         scale = tl.full((h.shape[0],), 1.0, h.dtype)
-        if UPCAST:
+        if UPCAST:  # noqa: SIM108 (constexpr branches under jit)
             op = tl.zeros(h.shape, h.dtype)
         else:
             op = tl.zeros(h.shape, OP_DTYPE)
@@ -292,7 +292,7 @@ if HAS_TRITON:
         power of two into [1, 2) so that the parts stay in fp16's range), each product exact
         and summed in the fp32 accumulator (scaled along with the row and unscaled after)."""
         eye = tl.arange(0, BLOCK_N)[:, None] == tl.arange(0, BLOCK_N)[None, :]
-        if OP_DTYPE == tl.float16:
+        if tl.float16 == OP_DTYPE:
             scale = _pow2_scale(tl.abs(coef))
             acc = acc * scale[:, None]
             rest = coef * scale
@@ -310,6 +310,6 @@ if HAS_TRITON:
             else:
                 acc = tl.dot(diag.to(OP_DTYPE), v, acc, input_precision=PRECISION,
                              out_dtype=ACC)  # fmt: skip
-        if OP_DTYPE == tl.float16:
+        if tl.float16 == OP_DTYPE:
             acc = acc * (1.0 / scale)[:, None]
         return acc

@@ -211,8 +211,9 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
     if owners_write:
         pvec = torch.tensor(kernel_params(params, _psi_m(kind, params)), dtype=acc_t)
         aligned = config.is_aligned(dim, x, weight)
-        tile = config.gemm_tile(x.dtype, family, dim, aligned=aligned, kernel="dw",
-                                has_ids=ids is not None)
+        tile = config.gemm_tile(
+            x.dtype, family, dim, aligned=aligned, kernel="dw", has_ids=ids is not None
+        )
         slices = tile.slices(dim)
         if ids is not None:
             sampled = torch.zeros(num_classes, device=weight.device, dtype=torch.int8)
