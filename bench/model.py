@@ -829,7 +829,7 @@ def new_triton_launches(shape: Shape, needs_dx: bool, needs_dw: bool, machine: M
     return reference_new_plan(shape, needs_dx, needs_dw, machine.num_sms), "model's reading"
 
 
-TRITON_WHAT_IFS = ("lean_loop", "overlap")
+TRITON_WHAT_IFS = ("pipelined", "lean_loop", "overlap")
 
 
 def new_triton_costs(
@@ -838,7 +838,9 @@ def new_triton_costs(
     """Costs of every launch of the new Triton design (forward, + backward when ``backward``);
     Partial-FC's zero fill of the unsampled rows of dW is a launch of the plan.
 
-    ``what_if`` variants (none by default): "lean_loop" — half the SASS per tile step (tile
+    ``what_if`` variants (none by default): "pipelined" — each tile step's loads hidden behind
+    the previous step's MMAs (two stages without ptxas serialising the wgmma, which the
+    two-stage builds trigger today); "lean_loop" — half the SASS per tile step (tile
     loads by TMA instead of per-element int64 addresses and masks, and a leaner epilogue);
     "overlap" — the epilogue's instructions issued while the tensor cores run the other
     warpgroup's MMAs (FlashAttention-3's ping-pong of two consumer warpgroups, warp
@@ -852,6 +854,7 @@ def new_triton_costs(
     a = replace(
         ASSUMPTIONS,
         epilogue_overlaps_mma="overlap" in what_if,
+        loads_overlap="pipelined" in what_if,
         issue_scale=0.5 if "lean_loop" in what_if else 1.0,
     )
     costs = [
@@ -1803,11 +1806,13 @@ def what_if_rows(machine: Machine) -> list[dict]:
 
     variants = [
         ("triton", "as merged", triton(())),
+        ("triton", "loads pipelined (two stages, wgmma not serialised)", triton(("pipelined",))),
         ("triton", "half the SASS per tile step (TMA loads, leaner masks)",
          triton(("lean_loop",))),
         ("triton", "epilogue overlapped with the MMAs (ping-pong warpgroups)",
          triton(("overlap",))),
-        ("triton", "both", triton(TRITON_WHAT_IFS)),
+        ("triton", "pipelined + overlapped", triton(("pipelined", "overlap"))),
+        ("triton", "all three", triton(TRITON_WHAT_IFS)),
         ("cuda", "as merged", lambda sh: new_cuda_costs(sh, machine, True)),
     ]  # fmt: skip
     rows = []

@@ -67,17 +67,25 @@ def test_shared_memory_fits_hopper(aot_rows):
     assert max(r["shared"] for r in aot_rows) <= MAX_SHARED
 
 
-def test_headline_builds_run_both_products_on_wgmma(aot_rows):
+def test_headline_builds_run_both_products_on_wgmma_unserialised(aot_rows):
     """At D = 512 the 16-bit GEMM builds use Hopper's wgmma (HGMMA in their SASS), not the
-    legacy mma.sync, and pipeline their streamed tile (two or three stages)."""
+    legacy mma.sync, and ptxas does not serialise them (advisory C7515: each wgmma waits for
+    the previous one, which the two-stage builds of these kernels triggered). The one
+    exception is documented in config.gemm_tile: fp16 dW owners with Partial-FC ids take 32
+    classes (mma.sync) to stay spill-free."""
+    exception = ("_dw_kernel", "fp16", True)
     rows = [r for r in aot_rows if r["kernel"] in ("_fwd_kernel", "_dw_kernel")
             and r["dtype"] in ("bf16", "fp16") and r["dim"] == 512 and r["family"] != 4
-            and r["aligned"]]  # fmt: skip
+            and r["aligned"] and (r["kernel"], r["dtype"], r["ids"]) != exception]  # fmt: skip
     assert rows
+    assert not [r for r in rows if r["wgmma_serialized"]], [
+        (r["kernel"], r["dtype"], r["family"], r["ids"], r["blocks"], r["stages"])
+        for r in rows if r["wgmma_serialized"]
+    ]  # fmt: skip
     if rows[0]["mma"] is None:
         pytest.skip("this Triton ships no nvdisasm")
-    assert all(r["mma"] == "wgmma" and r["stages"] >= 2 for r in rows), [
-        (r["kernel"], r["dtype"], r["family"], r["mma"], r["stages"]) for r in rows
+    assert all(r["mma"] == "wgmma" for r in rows), [
+        (r["kernel"], r["dtype"], r["family"], r["mma"]) for r in rows
     ]
 
 

@@ -228,6 +228,8 @@ def _compile_one(index: int) -> dict:
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(src, target=GPUTarget("cuda", ARCH, 32), options=opts)
     regs, spill_st, spill_ld = _ptxas_usage(log.getvalue())
+    # ptxas advisory C7515: it serialises the build's wgmma (each waits for the previous one)
+    serialized = "C7515" in log.getvalue()
     return dict(
         kernel=cfg["kernel"], dtype=_TL_DTYPE[dtype], family=cfg["family"], ids=cfg["ids"],
         precision=cfg["precision"], aligned=cfg["aligned"], dim=cfg["dim"],
@@ -236,6 +238,7 @@ def _compile_one(index: int) -> dict:
         blocks="x".join(str(v) for k, v in consts.items() if k.startswith("BLOCK")),
         warps=opts.get("num_warps"), stages=opts.get("num_stages", 1),
         regs=regs, spill_stores=spill_st, spill_loads=spill_ld, shared=compiled.metadata.shared,
+        wgmma_serialized=serialized,
         logits_per_thread=(consts["BLOCK_M"] * consts["BLOCK_N"] // (32 * opts["num_warps"])
                            if "BLOCK_M" in consts else None),
         **(sass_facts(compiled.asm["cubin"]) if "BLOCK_M" in consts

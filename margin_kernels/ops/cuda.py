@@ -80,9 +80,8 @@ AUTO_CROSSOVER_MEASURED = False
 
 # "auto" on a CUDA device tries this backend first where both can run. bench/model.py predicts
 # (no GPU ran) forward + backward at the headline shape, bf16 ArcFace B=1024 D=512 C=10^6:
-# this backend 10.3 ms (2.6x the three bare GEMMs) against triton 11.6 ms (2.9x) on an H200;
-# 11.9 ms against 11.6 ms on an H100, within the model's error either way
-# (docs/performance_model.md). Replace by a measurement.
+# this backend 10.3 ms (2.6x the three bare GEMMs) against triton 18.9 ms (4.7x) on an H200,
+# 11.9 ms against 19.0 ms on an H100 (docs/performance_model.md). Replace by a measurement.
 AUTO_PREFERRED_ON_GPU = "cuda"
 
 # On CPU, bench/results/cpu_chunks.csv measured this backend's forward + backward against the

@@ -55,8 +55,8 @@ NONTARGET_FAMILY = {name: info.family_id for name, info in KINDS.items()}
 # drives it) caps some kernels at 96-128 registers to raise occupancy and spills instead.
 MAX_REGISTERS = 255
 # The forward's reference point M_i moves only when a logit passes it by more than this many
-# nats (so p = exp(f - M_i) <= e^8 ~ 3e3: finite in fp32 and bf16 for any number of classes),
-# which spares the rescale of the dX numerator on almost every class tile.
+# nats (so p = exp(f - M_i) <= e^8 ~ 3e3: finite in fp32 and bf16 for any number of classes);
+# rows whose reference stays are rescaled by exactly 1, so their sums take no rescale rounding.
 RESCALE_SLACK_NATS = 8.0
 # Programs per SM the forward's class splits aim for (whole waves at one resident program).
 FORWARD_WAVES = 2
@@ -136,10 +136,12 @@ def gemm_tile(
         # strided or D % 16 != 0 (see ``is_aligned``): per-element addresses and masks cost
         # registers, so D slices of a narrow accumulator (logits recomputed per slice)
         if dtype in (torch.float16, torch.bfloat16):
-            return Tile(64, 32, 32, 64, 8, 2)
+            # (the class-major dW owner with W-Softmax's second accumulator spills at 64 rows)
+            return Tile(32 if kernel == "dw" else 64, 32, 32, 64, 8, 2)
         if dtype == torch.float32 and family != NT_W:
             return Tile(32, 32, 16, 32, 8, 2)
-        return Tile(16, 32, 16, 16, 4, 1)
+        # (the fp64 W-Softmax forward spills at 16 rows on Triton 3.6)
+        return Tile(8 if kernel == "forward" else 16, 32, 16, 16, 4, 1)
     if interp:
         if padded <= limit:
             return Tile(16, 16, padded, padded, 1, 1)
@@ -150,25 +152,30 @@ def gemm_tile(
                 return Tile(64, 32, padded, padded, 8, 2)
             return Tile(64, 32, 64, 128, 8, 2)
         if padded <= limit:
-            # 64 x 64 at 8 warps (two warpgroups): wgmma for both products (the logits split
-            # along N between the warpgroups, the second product along D), two stages of the
-            # streamed tile (W in the forward, x in the dW kernel: 64 KB each at D = 512) beside
-            # the tile held on chip; the (64, 512) fp32 accumulator is 128 of the 255 registers.
-            if kernel == "dw" and (has_ids or family == NT_SO):
-                # Partial-FC's gathered addresses (int64 class ids) and SO-Softmax's squared c
-                # need a few more registers than the 64-row step leaves: 32 rows, 3 stages
-                return Tile(32, 64, padded, padded, 8, 3)
-            return Tile(64, 64, padded, padded, 8, 2)
+            # 8 warps (two warpgroups), wgmma for both products (the logits split along N
+            # between the warpgroups, the second product along D); the (64, 512) fp32
+            # accumulator is 128 of the 255 registers. One stage: with two, Triton keeps the
+            # second product in flight into the next step, its register A operand (P) shares
+            # registers with the next logits' accumulator, and ptxas serialises every wgmma of
+            # the kernel (advisory C7515, checked by tests/test_triton_aot.py). Forward 64 rows
+            # x 32 classes, dW 64 classes x 32 rows (16 with Partial-FC's gathered ids or
+            # SO-Softmax): the widest tiles that Triton 3.6 compiles without spilling.
+            if kernel == "dw":
+                if has_ids and dtype == torch.float16:
+                    # fp16's operand scaling on top of the gathered ids: 32 classes (mma.sync)
+                    return Tile(16, 32, padded, padded, 8, 1)
+                return Tile(16 if has_ids or family == NT_SO else 32, 64, padded, padded, 8, 1)
+            return Tile(64, 32, padded, padded, 8, 1)
         return Tile(64, 64, 64, 256, 8, 2)
     if dtype == torch.float32 and family != NT_W:
         # FMA (or TF32) dots hold both operand tiles in registers: 8 warps share them
         if padded <= limit:
-            return Tile(32, 32, padded, padded, 8, 2)
+            return Tile(32, 32, padded, padded, 8, 1 if kernel == "dw" else 2)
         return Tile(32, 32, 16, 128, 8, 2)
     # fp64, and fp32 W-Softmax (W_y and two accumulators): the fp64 tiles
     if padded <= limit:
         return Tile(16, 32, padded, padded, 4, 1)
-    return Tile(16, 32, 16, 64, 4, 1)
+    return Tile(16, 32, 16, 32 if kernel == "dw" else 64, 4, 1)
 
 
 def is_aligned(dim: int, *tensors: torch.Tensor) -> bool:

@@ -310,8 +310,8 @@ if HAS_TRITON:
             f = tl.where(live, f, float("-inf"))
             # The reference point M_i only has to keep exp(f - M_i) finite, not to be the max:
             # it moves only when a logit passes it by more than RESCALE_SLACK nats (p <= e^8,
-            # exact either way), so after the first tiles the (BLOCK_M, BLOCK_OUT) numerator is
-            # almost never rescaled (BLOCK_OUT / BLOCK_N multiplies per logit when it is).
+            # exact either way). After the first tiles it rarely moves, and a row whose
+            # reference stays is rescaled by exactly 1: its sums take no rounding from rescales.
             tile_max = tl.max(f, axis=1)
             new_max = tl.where(tile_max > run_max + RESCALE_SLACK, tile_max, run_max)
             rescale = tl.exp(run_max - new_max)
@@ -335,11 +335,11 @@ if HAS_TRITON:
                 # rows); it exists so that the logits reach the second MMA only through its
                 # yield (see _mma_operand: no chained-dot layout, no duplicated logits MMA).
                 if rows_live:
-                    if tl.max(new_max - run_max, axis=0) > 0:
-                        # flash-attention rescale of the numerators, only when a reference moved
-                        acc = acc * rescale[:, None]
-                        if NT == NT_WEIGHTED:
-                            acc_y = acc_y * rescale[:, None]
+                    # flash-attention rescale of the numerators (by exactly 1 on the rows whose
+                    # reference did not move; a branch that skips it made Triton 3.6 spill)
+                    acc = acc * rescale[:, None]
+                    if NT == NT_WEIGHTED:
+                        acc_y = acc_y * rescale[:, None]
                     op, op_scale = _mma_operand(dd, op_dtype, UPCAST, SCALE_OPS)
                     op_y, op_y_scale = _mma_operand(de, op_dtype, UPCAST, SCALE_OPS)
                 else:
