@@ -22,6 +22,7 @@ REFERENCE = "margin_kernels/reference.py"
 
 T_TRITON = "tests/test_triton_backend.py"
 T_TRITON_DEFECTS = "tests/test_triton_defects.py"
+T_TRITON_DESIGN = "tests/test_triton_design.py"
 T_CUDA = "tests/test_cuda_backend.py"
 T_REFERENCE = "tests/test_reference.py"
 T_API = "tests/test_api.py"
@@ -214,12 +215,7 @@ MUTATIONS = [
     Mutation(
         "triton_dw_column_norm_term",
         TRITON_BWD,
-        (
-            (
-                "acc += (acc_nw / nw)[:, None] * w_e.to(ACC)",
-                "acc += 0.0 * (acc_nw / nw)[:, None] * w_e.to(ACC)",
-            ),
-        ),
+        (("coef = acc_nw / nw", "coef = 0.0 * acc_nw / nw"),),
         "Triton dW-owner kernel: the column-norm chain term of its epilogue dropped",
         (T_SWEEP, T_TRITON),
     ),
@@ -259,15 +255,25 @@ MUTATIONS = [
     Mutation(
         "triton_dx_numerator_not_rescaled",
         TRITON_FWD,
-        (
-            (
-                "acc, rescale, dd, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION",
-                "acc, rescale * 0.0 + 1.0, dd, w_out, op_dtype, ACC, UPCAST, SCALE_OPS, PRECISION",
-            ),
-        ),
-        "Triton forward: the dX numerator not rescaled by exp(M_old - M_new) when the running "
-        "max grows",
-        (T_TRITON, T_SWEEP, T_TRITON_DEFECTS),
+        (("acc = acc * rescale[:, None]", "acc = acc * 1.0"),),
+        "Triton forward: the dX numerator not rescaled by exp(M_old - M_new) when the "
+        "reference point moves",
+        (T_TRITON_DESIGN, T_TRITON, T_SWEEP, T_TRITON_DEFECTS),
+    ),
+    Mutation(
+        "triton_partial_fc_rows_not_zero_filled",
+        TRITON_OPS,
+        (("sampled[ids] = 1", "sampled[:] = 1"),),
+        "Triton Partial-FC: the unsampled rows of dW never written (the zero fill skips them; "
+        "dW is allocated without a memset)",
+        (T_TRITON_DESIGN,),
+    ),
+    Mutation(
+        "triton_norm_term_one_bf16_part",
+        TRITON_MATH,
+        (("for _ in range(3):", "for _ in range(1):"),),
+        "Triton dW epilogue: the column-norm coefficient as one 16-bit part, not three",
+        (T_TRITON_DESIGN,),
     ),
     Mutation(
         "triton_split_merge_wrong_max",
