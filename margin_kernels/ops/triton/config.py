@@ -16,7 +16,8 @@ Kernels (forward, then backward):
 * ``_fwd_kernel`` — one program per (row block, D slice, class split): online log-sum-exp over
   the split's class tiles, the target column masked; when a gradient is needed, also the dX
   numerator ``sum_j exp(f_ij - M_i) (df/dd)_ij W_j`` and the row sums of the norm chain rule,
-  rescaled with the running max as flash attention rescales its output. Split partials are
+  rescaled as flash attention rescales its output whenever the reference point M_i moves (it
+  lags the running max by at most RESCALE_SLACK_NATS). Split partials are
   merged in a fixed order by torch (``merge``).
 * ``_dw_kernel`` — one program per (class tile, D slice): walks every row tile in order with a
   (BLOCK_N, BLOCK_OUT) fp32 (fp64) accumulator, recomputes the logits from the final LSE, adds

@@ -219,9 +219,10 @@ if HAS_TRITON:
             PART_NUM[split, 1, i, k]   = sum_j exp(f_ij - M_i) (df/de)_ij W_jk      (W-Softmax dW_y)
             PART_ROW[split, 0..2, i]   = sum_j exp(f_ij - M_i) df/d{nx, c_y, ny}_ij
 
-        each rescaled by exp(M_old - M_new) when the running max grows, as flash attention
-        rescales its output. ONE_K: all of D in one tile (x and W_y stay on chip across the
-        class tiles, one load of the W tile feeds both GEMMs)."""
+        each rescaled by exp(M_old - M_new) when the reference point M moves (it lags the
+        running max by at most RESCALE_SLACK nats), as flash attention rescales its output.
+        ONE_K: all of D in one tile (x and W_y stay on chip across the class tiles, one load of
+        the W tile feeds both GEMMs)."""
         pid0 = tl.program_id(0)
         rb = pid0 % row_blocks
         dslice = pid0 // row_blocks
