@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -92,22 +93,11 @@ MiB = 2**20
 SASS_FILE = Path(__file__).with_name("triton_sass_sm90.json")
 
 
-def load_sass_counts(path: Path = SASS_FILE) -> dict:
-    """{(kernel, dtype, family, ids, needs_num, blocks, warps, stages): row} from the file."""
-    import json
-
+def load_sass_counts(path: Path = SASS_FILE) -> list[dict]:
+    """The builds of the SASS file (empty when it is missing)."""
     if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
-    return {sass_key(**{k: row[k] for k in SASS_KEY_FIELDS}): row for row in data["builds"]}
-
-
-SASS_KEY_FIELDS = ("kernel", "dtype", "family", "ids", "needs_num", "blocks", "warps", "stages")
-
-
-def sass_key(kernel, dtype, family, ids, needs_num, blocks, warps, stages) -> tuple:
-    return (kernel, dtype, int(family), bool(ids), bool(needs_num), blocks, int(warps),
-            int(stages))  # fmt: skip
+        return []
+    return json.loads(path.read_text())["builds"]
 
 
 SASS_COUNTS = load_sass_counts()
@@ -690,18 +680,18 @@ _SASS_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 
 
 def sass_row(launch: Launch, shape: Shape, needs_dx: bool) -> dict | None:
-    """The SASS counts of the build a GEMM launch runs (None when the file lacks it)."""
+    """The SASS counts of the build a GEMM launch runs (None when the file lacks it). A launch
+    names its K step, not its D slice: the tile matches on rows x classes x K step."""
     from margin_kernels.spec import KINDS
 
-    family = KINDS[shape.kind].family_id
+    wanted = dict(kernel=launch.kernel, dtype=_SASS_DTYPES[shape.dtype],
+                  family=KINDS[shape.kind].family_id, ids=shape.sample_rate < 1.0,
+                  needs_num=needs_dx if launch.role == "forward" else True,
+                  warps=launch.num_warps, stages=launch.num_stages)  # fmt: skip
     prefix = f"{launch.block_m}x{launch.block_n}x{launch.block_k}x"
-    needs_num = needs_dx if launch.role == "forward" else True
-    for key, row in SASS_COUNTS.items():
-        kernel, dtype, fam, ids, num, blocks, warps, stages = key
-        if (kernel == launch.kernel and dtype == _SASS_DTYPES[shape.dtype] and fam == family
-                and ids == (shape.sample_rate < 1.0) and num == needs_num
-                and blocks.startswith(prefix) and warps == launch.num_warps
-                and stages == launch.num_stages and row.get("loop_sass")):  # fmt: skip
+    for row in SASS_COUNTS:
+        if (all(row[k] == v for k, v in wanted.items()) and row["blocks"].startswith(prefix)
+                and row.get("loop_sass")):  # fmt: skip
             return row
     return None
 

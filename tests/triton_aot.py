@@ -187,9 +187,9 @@ def _nvdisasm() -> str | None:
 def sass_facts(cubin: bytes) -> dict:
     """From the SASS of a build: ``loop_sass``, the instructions in its largest loop (the body
     between the target of its longest backward branch and that branch, i.e. what each thread
-    issues per tile step, every branch of the body counted, the forward's rarely taken rescale
-    of the numerator too), and ``mma``, the tensor-core instruction the build uses ("wgmma"
-    for HGMMA, "mma.sync" for HMMA, "none"). Both None when nvdisasm is not shipped."""
+    issues per tile step, every branch of the body counted), and ``mma``, the tensor-core
+    instruction the build uses ("wgmma" for HGMMA, "mma.sync" for HMMA, "none"). Both None when
+    nvdisasm is not shipped."""
     tool = _nvdisasm()
     if tool is None:
         return dict(loop_sass=None, mma=None)

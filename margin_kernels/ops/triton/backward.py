@@ -16,10 +16,9 @@ if HAS_TRITON:
         P_S,
         _accumulate_rows,
         _add_scaled_rows,
+        _gated_operands,
         _logit_grads,
-        _mma_operand,
         _nontarget_logits,
-        _zero_operand,
     )
 
     @triton.jit
@@ -128,15 +127,12 @@ if HAS_TRITON:
                 p, d, e, tl.where(live, f, 0.0), nx2, rnx2, rnw2, cy2, rny2, s, lambda_n, alpha, NT
             )
             dd = tl.where(live, dd, 0.0)
-            # rows without an upstream gradient (ignored, g = 0) add nothing: skip their MMA
-            # (a condition independent of the logits: see _mma_operand)
+            # rows without an upstream gradient (ignored, g = 0) add nothing: zero operands
+            # (a condition independent of the logits: see _gated_operands)
             de = tl.where(live, de, 0.0)
-            if tl.max(tl.abs(glse), axis=0) > 0:
-                op, op_scale = _mma_operand(dd, op_dtype, UPCAST, SCALE_OPS)
-                op_y, op_y_scale = _mma_operand(de, op_dtype, UPCAST, SCALE_OPS)
-            else:
-                op, op_scale = _zero_operand(dd, op_dtype, UPCAST)
-                op_y, op_y_scale = _zero_operand(de, op_dtype, UPCAST)
+            op, op_scale, op_y, op_y_scale = _gated_operands(
+                dd, de, tl.max(tl.abs(glse), axis=0) > 0, op_dtype, UPCAST, SCALE_OPS
+            )
             acc = _accumulate_rows(acc, op, op_scale, x_out, ACC, UPCAST, SCALE_OPS, PRECISION)
             if NT != NT_RAW:
                 acc_nw += tl.sum(tl.where(live, g_nw, 0.0), axis=1)

@@ -37,11 +37,10 @@ if HAS_TRITON:
         P_SIN_M,
         _accumulate_rows,
         _arc_margin,
+        _gated_operands,
         _logit_grads,
-        _mma_operand,
         _nontarget_logits,
         _psi_blend,
-        _zero_operand,
     )
 
     @triton.jit
@@ -332,20 +331,18 @@ if HAS_TRITON:
                     w_out = tl.load(W + cls[:, None] * stride_wc + kk_out[None, :] * stride_wd,
                                     mask=col_mask[:, None] & out_kmask[None, :],
                                     other=0.0)  # fmt: skip
-                # The branch below is taken by every launched program (its row block has
-                # rows); it exists so that the logits reach the second MMA only through its
-                # yield (see _mma_operand: no chained-dot layout, no duplicated logits MMA).
+                # rows_live holds in every launched program (its row block has rows): the
+                # branches exist so that the logits reach the second MMA only through their
+                # yields (see _gated_operands: no chained-dot layout, no duplicated logits MMA)
                 if rows_live:
                     # flash-attention rescale of the numerators (by exactly 1 on the rows whose
                     # reference did not move; a branch that skips it made Triton 3.6 spill)
                     acc = acc * rescale[:, None]
                     if NT == NT_WEIGHTED:
                         acc_y = acc_y * rescale[:, None]
-                    op, op_scale = _mma_operand(dd, op_dtype, UPCAST, SCALE_OPS)
-                    op_y, op_y_scale = _mma_operand(de, op_dtype, UPCAST, SCALE_OPS)
-                else:
-                    op, op_scale = _zero_operand(dd, op_dtype, UPCAST)
-                    op_y, op_y_scale = _zero_operand(de, op_dtype, UPCAST)
+                op, op_scale, op_y, op_y_scale = _gated_operands(
+                    dd, de, rows_live, op_dtype, UPCAST, SCALE_OPS
+                )
                 # dX numerator: sum_j P_ij (df/dd)_ij W_j
                 acc = _accumulate_rows(acc, op, op_scale, w_out, ACC, UPCAST, SCALE_OPS, PRECISION)
                 if NT != NT_RAW:

@@ -236,14 +236,7 @@ if HAS_TRITON:
     @triton.jit
     def _mma_operand(h, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr, SCALE_OPS: tl.constexpr):
         """(A operand, row scale) of the second product ``h @ v``: h cast to the operand dtype;
-        with SCALE_OPS each row scaled by a power of two into [1, 2) first (``_pow2_scale``).
-
-        Callers build it inside a branch on a condition that does not depend on the logits:
-        a value that leaves an ``scf.if`` through its yield ends the forward slice that Triton
-        inspects for chained dots. Seen as a chain, the logits MMA gets all warps along M, and
-        a 64-row tile with two warpgroups then has both compute the same logits (half the
-        tensor-core work wasted); instead the warpgroups split the logits along N and the
-        operand crosses between them through shared memory (BLOCK_M x BLOCK_N values)."""
+        with SCALE_OPS each row scaled by a power of two into [1, 2) first (``_pow2_scale``)."""
         if UPCAST:
             op = h
             scale = tl.full((h.shape[0],), 1.0, h.dtype)
@@ -256,14 +249,29 @@ if HAS_TRITON:
         return op, scale
 
     @triton.jit
-    def _zero_operand(h, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-        """The other branch of :func:`_mma_operand`: zeros and unit scales, same types."""
-        scale = tl.full((h.shape[0],), 1.0, h.dtype)
-        if UPCAST:  # noqa: SIM108 (constexpr branches under jit)
-            op = tl.zeros(h.shape, h.dtype)
+    def _gated_operands(dd, de, gate, OP_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                        SCALE_OPS: tl.constexpr):  # fmt: skip
+        """(op, scale, op_y, scale_y): the second products' A operands of dd and de from
+        :func:`_mma_operand` where ``gate`` holds, zeros and unit scales where it does not.
+
+        ``gate`` must not depend on the logits: a value that leaves an ``scf.if`` through its
+        yield ends the forward slice Triton inspects for chained dots. Seen as a chain, the
+        logits MMA gets all warps along M, and a 64-row tile with two warpgroups then has both
+        compute the same logits (half the tensor-core work wasted); instead the warpgroups
+        split the logits along N and the operand crosses between them through shared memory
+        (BLOCK_M x BLOCK_N values). (W-Softmax alone uses de; elsewhere it is dead code.)"""
+        if gate:
+            op, scale = _mma_operand(dd, OP_DTYPE, UPCAST, SCALE_OPS)
+            op_y, scale_y = _mma_operand(de, OP_DTYPE, UPCAST, SCALE_OPS)
         else:
-            op = tl.zeros(h.shape, OP_DTYPE)
-        return op, scale
+            scale = tl.full((dd.shape[0],), 1.0, dd.dtype)
+            scale_y = scale
+            if UPCAST:  # noqa: SIM108 (constexpr branches under jit)
+                op = tl.zeros(dd.shape, dd.dtype)
+            else:
+                op = tl.zeros(dd.shape, OP_DTYPE)
+            op_y = op
+        return op, scale, op_y, scale_y
 
     @triton.jit
     def _accumulate_rows(acc, op, scale, v, ACC: tl.constexpr, UPCAST: tl.constexpr,
@@ -271,8 +279,7 @@ if HAS_TRITON:
         """acc + (op / scale[:, None]) @ v, (M, N) x (N, K) -> (M, K) in ACC, for an operand from
         :func:`_mma_operand`. The product accumulates into acc in place (no second (M, K) tile
         of registers); with SCALE_OPS the accumulator is scaled along and unscaled after,
-        exactly (powers of two). Callers rescale acc themselves (the forward only when its
-        reference point moved)."""
+        exactly (powers of two). The forward rescales acc itself before the call."""
         if UPCAST:
             out = tl.dot(op, v.to(tl.float32), acc, input_precision=PRECISION, out_dtype=ACC)
         elif SCALE_OPS:

@@ -201,14 +201,10 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
     _, a, bx, by, cy, ny, nx, r_nx, r_cy, r_ny = row_stats
     g = grad_lse.to(acc_t).contiguous()
     grad_t = grad_t.to(acc_t)
-    owners_write = needs_dw and n_cols and batch
-    if owners_write:
+    if needs_dw and n_cols and batch:
         # every row is written once by a kernel: the owners the sampled (or all) classes,
         # _zero_unsampled_kernel the others (Partial-FC); no memset beforehand
         dw = torch.empty(num_classes, dim, device=weight.device, dtype=weight.dtype)
-    else:
-        dw = torch.zeros(num_classes, dim, device=weight.device, dtype=weight.dtype)
-    if owners_write:
         pvec = torch.tensor(kernel_params(params, _psi_m(kind, params)), dtype=acc_t)
         aligned = config.is_aligned(dim, x, weight)
         tile = config.gemm_tile(
@@ -230,6 +226,8 @@ def _backward(grad_lse, grad_t, x, weight, target, class_ids, neg_lse, row_stats
             stride_wc=weight.stride(0), stride_wd=weight.stride(1),
             **_gemm_common(x.dtype, family, ids is not None, tile, dim),
         )  # fmt: skip
+    else:
+        dw = torch.zeros(num_classes, dim, device=weight.device, dtype=weight.dtype)
     # Row terms, O(B D): the target logit and W-Softmax's c_y, ny enter through the target dot
     # d_y = x . W_y and the norms nx, ny. With r = dL/dc_y and c_y = d_y / (nx ny):
     coef_dy = grad_t * a + g * r_cy / (nx * ny)  # dL/dd_y
