@@ -18,6 +18,7 @@ import torch
 from helpers import LOSS_AND_GRADS, assert_backend_parity, assert_within, loss_and_grads, make_data
 
 import margin_kernels as mk
+from margin_kernels import reference
 from margin_kernels.spec import MarginSpec
 
 tb = pytest.importorskip("margin_kernels.ops.triton")
@@ -258,3 +259,31 @@ def test_no_load_reaches_past_a_row(dtype, launches):
         (launch,) = _by_kernel(launches, name)
         assert launch["BLOCK_OUT"] > dim and not launch["EVEN_D"]
         assert launch["stride_xb"] == width and launch["stride_wc"] == width
+
+
+def test_forward_without_the_dx_numerator_at_plan_tiles(launches):
+    """x needs no gradient: the forward keeps no numerator and takes one D slice per row block
+    (plan's needs_dx=False grid); dW alone is checked against the reference."""
+    batch, num_classes, dim = 40, 40, 272
+    x, w, y = _data(batch, num_classes, dim, torch.float32)
+    spec = SPECS["cosface"]
+    wg = w.clone().requires_grad_()
+    with config.gpu_tiles():
+        neg_lse, t = tb.lse_parts(x, wg, y, spec)
+        weights = torch.linspace(0.5, 1.5, batch, dtype=neg_lse.dtype)
+        (neg_lse * weights + t * weights.flip(0)).sum().backward()
+    we = w.double().requires_grad_()
+    ne, te = reference.lse_parts(x.double(), we, y, spec)
+    (ne * weights.double() + te * weights.double().flip(0)).sum().backward()
+    wl = w.clone().requires_grad_()
+    nl, tl_ = reference.lse_parts(x, wl, y, spec)
+    (nl * weights.to(nl.dtype) + tl_ * weights.to(nl.dtype).flip(0)).sum().backward()
+    assert_within(("neg_lse", "dW"), (neg_lse, wg.grad), (ne, we.grad), (nl, wl.grad),
+                  torch.float32)  # fmt: skip
+    plan = {launch.role: launch for launch in config.plan(batch, num_classes, dim, torch.float32,
+                                                          "cosface", needs_dx=False)}  # fmt: skip
+    (fwd,) = _by_kernel(launches, "_fwd_kernel")
+    assert not fwd["NEEDS_NUM"] and not fwd["ONE_K"]
+    assert fwd["grid"] == plan["forward"].grid and fwd["grid"][0] == math.ceil(batch / 32)
+    (dw,) = _by_kernel(launches, "_dw_kernel")
+    assert dw["grid"] == plan["dw"].grid
