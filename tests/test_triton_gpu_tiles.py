@@ -112,10 +112,10 @@ def _run(x, w, y, spec, dtype, tol, class_ids=None, num_sms=132):
                               reduction="none")  # fmt: skip
 
 
-# (dtype, kind, B, C, D, fp64 tolerance / low-precision cap): every branch of the aligned sm_90
-# table. fp16/bf16: one K step (D <= 512) and D slices of 256 (D > 512), W-Softmax's slices of
-# 128; fp32: one K step (D <= 64) and slices of 128; fp64 (and fp32 W-Softmax): D <= 32 and
-# slices; SO-Softmax's 16-row dW owner.
+# (dtype, kind, B, C, D): every branch of the aligned sm_90 table. fp16/bf16: one K step
+# (D <= 512) and D slices of 256 (D > 512), W-Softmax's slices of 128; fp32: one K step
+# (D <= 64) and slices of 128; fp64 (and fp32 W-Softmax): D <= 32 and slices; SO-Softmax's
+# 16-row dW owner.
 ALIGNED = {
     "fp16_full_d": (torch.float16, "cosface", 70, 70, 48),
     "fp16_even_d": (torch.float16, "arcface", 70, 70, 64),
@@ -217,6 +217,8 @@ def test_generic_tiles_against_the_reference(case, launches):
             grid = (math.ceil(num_classes / tile.block_n) * tile.slices(dim),)
         _check_gemm(launch, tile, dim, grid)
         assert not launch["ONE_K"] and tile.slices(dim) > 1
+        assert launch["stride_xd"] == (batch if strided else 1)
+        assert launch["stride_wd"] == (num_classes if strided else 1)
 
 
 def test_gpu_tiles_is_scoped():
