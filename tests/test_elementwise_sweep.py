@@ -110,11 +110,10 @@ def measured_dt_dc(fn, x, w, y, spec):
 
 
 def tolerance(spec: MarginSpec) -> float:
-    """Per-element tolerance relative to (1 + |reference|). The combined margin's kernels use an
-    arccos polynomial accurate to ~1 float32 ulp (also in float64: the interpreter has no
-    libdevice), so its error is ~1e-7 in the angle; every other transform is float64 closed
-    forms, equal to rounding."""
-    return 2e-6 if spec.kind == "combined" else 1e-9
+    """Per-element tolerance relative to (1 + |reference|): every transform is float64 closed
+    forms (the combined margin's arccos in the Triton kernels is refined to float64), equal to
+    rounding."""
+    return 1e-9
 
 
 def _assert_close_elementwise(name, got, want, tol, cos):

@@ -91,8 +91,7 @@ def _assert_parity(got, exact, torch_own, dtype, spec, tf32=False):
         a, e = got[part].double(), exact[part].double()
         assert torch.isfinite(a).all(), f"{part}: non-finite entries"
         if dtype == torch.float64:
-            # combined margins use a float32-accurate arccos polynomial in the Triton kernels
-            rel = 2e-6 if spec.kind == "combined" else 1e-9
+            rel = 1e-9
             tol = rel * (e.abs() + e.abs().max() * 1e-3)
         else:
             # unit roundoff of the stored result (float32 for the loss)

@@ -164,3 +164,19 @@ def test_a_backend_that_cannot_run_a_spec_is_skipped_with_its_reason(monkeypatch
     table = "\n".join(st.format_table([result]))
     assert "skipped (1 cases):" in table and "no W-Softmax kernel" in table
     assert not _rows(table)
+
+
+def test_error_metric_sees_a_single_wrong_entry():
+    """One wrong entry of dW (one class, one feature) counts in full: the metric is the largest
+    entry error relative to the largest exact magnitude, not an average that a (C, D) tensor
+    would dilute by 1 / (C D)."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(37, 64, generator=g, dtype=torch.float64)
+    got = exact.clone()
+    got[11, 5] += 1e-3 * exact.abs().max()
+    assert st._rel(got, exact) == pytest.approx(1e-3, rel=1e-9)
+    assert st._rel(exact.float(), exact) < 1e-7
+    bound = st.FLOORS[torch.float64]["dW"]
+    got = exact.clone()
+    got[0, 0] += 10 * bound * exact.abs().max()
+    assert st._rel(got, exact) > bound

@@ -467,13 +467,19 @@ def _mm_into(out: torch.Tensor | None, chunks: _Chunks, a: torch.Tensor, b: torc
 
 
 def _accumulate_rows(
-    out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, deterministic: bool
+    out: torch.Tensor,
+    index: torch.Tensor,
+    rows: torch.Tensor,
+    deterministic: bool,
+    device_type: str | None = None,
 ) -> None:
-    """out[index[k]] += rows[k]; ``index_put_(accumulate=True)`` sorts the indices on CUDA, so it
-    is run-to-run identical where ``index_add_``'s atomics are not. On CPU it is always taken:
-    CPU ``index_add_`` went through a parallel scatter that cost ~100 ms for 8 rows on a loaded
-    2-core machine (index_put_: microseconds)."""
-    if deterministic or out.device.type != "cuda":
+    """out[index[k]] += rows[k] (out (N, D), index (K,) int64 with repeats, rows (K, D) in out's
+    dtype); ``index_put_(accumulate=True)`` sorts the indices on CUDA, so it is run-to-run
+    identical where ``index_add_``'s atomics are not. On CPU it is always taken: CPU
+    ``index_add_`` went through a parallel scatter that cost ~100 ms for 8 rows on a loaded
+    2-core machine (index_put_: microseconds). ``device_type`` (default ``out``'s) picks the
+    branch: the tests run the CUDA one on CPU tensors."""
+    if deterministic or (device_type or out.device.type) != "cuda":
         out.index_put_((index,), rows, accumulate=True)
     else:
         out.index_add_(0, index, rows)

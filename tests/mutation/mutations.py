@@ -290,4 +290,73 @@ MUTATIONS = [
         "Triton fp16 second GEMM: the per-row power-of-two operand scale not undone",
         (T_TRITON_DEFECTS, T_TRITON),
     ),
+    # --- issue 21: GPU-only Python branches, the GPU tile table, the fp64 arccos ------------
+    Mutation(
+        "cuda_dw_rows_index_copy",
+        CUDA,
+        (("        out.index_add_(0, index, rows)", "        out.index_copy_(0, index, rows)"),),
+        "CUDA backend, CUDA tensors: the dW rows of repeated labels / Partial-FC rows overwrite "
+        "each other instead of accumulating",
+        ("tests/test_gpu_only_branches.py",),
+    ),
+    Mutation(
+        "triton_fp32_always_tf32",
+        TRITON_OPS,
+        (
+            (
+                "    if dtype == torch.float32 and torch.get_float32_matmul_precision()"
+                ' != "highest":',
+                "    if dtype == torch.float32:",
+            ),
+        ),
+        "Triton launcher: fp32 GEMMs in TF32 even under torch's 'highest' matmul precision",
+        ("tests/test_gpu_only_branches.py",),
+    ),
+    Mutation(
+        "triton_even_d_multiple_of_16",
+        TRITON_OPS,
+        (("        EVEN_D=dim % tile.block_out == 0,", "        EVEN_D=dim % 16 == 0,"),),
+        "Triton launcher: unmasked D loads whenever D % 16 == 0 (a GPU tile of 64-256 reads "
+        "past each row)",
+        ("tests/test_gpu_only_branches.py", "tests/test_triton_gpu_tiles.py"),
+    ),
+    Mutation(
+        "partial_fc_v2_sampling_strict",
+        "margin_kernels/compat/insightface.py",
+        (
+            (
+                "        if self.num_sample >= positive.numel():",
+                "        if self.num_sample > positive.numel():",
+            ),
+        ),
+        "PartialFC_V2: with exactly num_sample positives the torch.rand draw arcface_torch "
+        "makes is skipped (the RNG stream diverges from the next step on)",
+        ("tests/test_partial_fc_sampling.py",),
+    ),
+    Mutation(
+        "selftest_mean_error",
+        "margin_kernels/selftest.py",
+        (
+            (
+                "    return ((got.double() - exact).abs().max() / scale).item()",
+                "    return ((got.double() - exact).abs().mean() / scale).item()",
+            ),
+        ),
+        "Self-test: the error metric averages the entries (one wrong entry diluted by "
+        "1 / (B D)) instead of taking the largest",
+        ("tests/test_selftest.py",),
+    ),
+    Mutation(
+        "triton_fp64_acos_not_refined",
+        TRITON_MATH,
+        (
+            (
+                "            asin_r = asin_r - (tl.sin(asin_r) - r) / tl.cos(asin_r)\n",
+                "            asin_r = asin_r + 0.0\n",
+            ),
+        ),
+        "Triton combined margin, fp64: the arccos left at the fp32 polynomial's accuracy "
+        "(~1e-7 in the angle, ~1e-10 in dX/dW)",
+        ("tests/test_fp64_exact.py",),
+    ),
 ]

@@ -32,8 +32,10 @@ load of the streamed operand feeds both GEMMs. Above that D the accumulator owns
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +65,37 @@ RESCALE_SLACK_NATS = 8.0
 FORWARD_WAVES = 2
 
 
+# SM counts of the active gpu_tiles() blocks (innermost last); empty outside them.
+_GPU_TILE_SMS: list[int] = []
+
+
 def interpreting() -> bool:
-    """True under Triton's interpreter (TRITON_INTERPRET=1), which takes the small test tiles."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True under Triton's interpreter (TRITON_INTERPRET=1), which takes the small test tiles,
+    unless :func:`gpu_tiles` asks for the GPU's."""
+    return not _GPU_TILE_SMS and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gpu_tiles_sms() -> int | None:
+    """The SM count of the innermost active :func:`gpu_tiles` block (None outside one)."""
+    return _GPU_TILE_SMS[-1] if _GPU_TILE_SMS else None
+
+
+@contextlib.contextmanager
+def gpu_tiles(num_sms: int = 132) -> Iterator[None]:
+    """Test hook: inside this block the launchers take the tiles an sm_90 GPU with ``num_sms``
+    SMs gets (132: an H100 SXM), i.e. those of :func:`plan` and of the generic (unaligned) table:
+    blocks, warps, stages, one K step or D slices, EVEN_D and the forward's class splits, even
+    when the kernels run under the interpreter on CPU tensors. So the CPU suite runs the tile
+    table a GPU runs, with the same kernels. bf16 keeps its interpreter upcast (the
+    interpreter's native bf16 dot is wrong); warps and stages reach the launch as options that
+    the interpreter accepts and does not model. Not thread-safe (a module-level setting)."""
+    if num_sms < 1:
+        raise ValueError(f"num_sms must be >= 1, got {num_sms}")
+    _GPU_TILE_SMS.append(num_sms)
+    try:
+        yield
+    finally:
+        _GPU_TILE_SMS.pop()
 
 
 @dataclass(frozen=True)

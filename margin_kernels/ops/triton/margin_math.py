@@ -73,9 +73,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _acos(x):
-        """arccos on [-1, 1] to ~1 ulp of float32, without libdevice (which the interpreter
+        """arccos on [-1, 1] to ~1 ulp of its dtype, without libdevice (which the interpreter
         lacks): asin by its odd minimax polynomial on [0, 0.5], and the half-angle identity
-        asin(a) = pi/2 - 2 asin(sqrt((1 - a)/2)) above 0.5."""
+        asin(a) = pi/2 - 2 asin(sqrt((1 - a)/2)) above 0.5; fp64 refines the polynomial's
+        asin by one Newton step."""
         ax = tl.abs(x)
         big = ax > 0.5
         z = tl.where(big, 0.5 * (1.0 - ax), ax * ax)
@@ -84,6 +85,10 @@ if HAS_TRITON:
             ((4.2163199048e-2 * z + 2.4181311049e-2) * z + 4.5470025998e-2) * z + 7.4953002686e-2
         ) * z + 1.6666752422e-1
         asin_r = r + r * z * poly
+        if x.dtype == tl.float64:
+            # the polynomial is fp32's (~1e-7): one Newton step on sin(a) = r squares that error
+            # (cos(a) >= cos(pi/4) on r <= sqrt(1/2): well conditioned everywhere)
+            asin_r = asin_r - (tl.sin(asin_r) - r) / tl.cos(asin_r)
         asin_ax = tl.where(big, 1.5707963267948966 - 2.0 * asin_r, asin_r)
         # acos(x) = pi/2 - asin(x), asin odd
         return tl.where(x >= 0, 1.5707963267948966 - asin_ax, 1.5707963267948966 + asin_ax)

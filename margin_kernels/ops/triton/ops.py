@@ -82,7 +82,9 @@ def _precision(dtype: torch.dtype) -> str:
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # interpreter: a few programs, so that splits and the merge are exercised
+    forced = config.gpu_tiles_sms()
+    # interpreter: a few programs, so that splits and the merge are exercised
+    return 2 if forced is None else forced
 
 
 def _gemm_common(dtype: torch.dtype, family: int, has_ids: bool, tile: config.Tile, dim: int):
