@@ -84,6 +84,7 @@ def build() -> Path:
 
 
 _LIBRARY: ctypes.CDLL | None = None
+_P = ctypes.c_void_p
 
 
 def library() -> ctypes.CDLL:
@@ -103,18 +104,11 @@ def library() -> ctypes.CDLL:
             ctypes.c_int64,
             *[ctypes.c_void_p] * 7,
         ]
-        lib.mk_emu_float_to_half.restype = ctypes.c_uint16
-        lib.mk_emu_float_to_half.argtypes = [ctypes.c_float]
-        lib.mk_emu_float_to_bfloat16.restype = ctypes.c_uint16
-        lib.mk_emu_float_to_bfloat16.argtypes = [ctypes.c_float]
-        for name in ("mk_emu_half_to_float", "mk_emu_bfloat16_to_float"):
-            getattr(lib, name).restype = ctypes.c_float
-            getattr(lib, name).argtypes = [ctypes.c_uint16]
+        for name in ("mk_emu_to_16bit", "mk_emu_from_16bit"):
+            getattr(lib, name).restype = None
+            getattr(lib, name).argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int]
         _LIBRARY = lib
     return _LIBRARY
-
-
-_P = ctypes.c_void_p
 
 
 class EpilogueArgs(ctypes.Structure):
@@ -182,6 +176,24 @@ def compiled_layout(name: str) -> list[int]:
 def ctypes_layout(struct: type[ctypes.Structure]) -> list[int]:
     """The same list for the ctypes mirror."""
     return [ctypes.sizeof(struct)] + [getattr(struct, f[0]).offset for f in struct._fields_]
+
+
+def to_16bit(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 values converted by the emulation's host __float2half_rn / __float2bfloat16_rn,
+    as ``dtype``."""
+    values = values.to(torch.float32).contiguous()
+    out = torch.empty(values.shape, dtype=torch.int16)
+    library().mk_emu_to_16bit(_ptr(values), _ptr(out), values.numel(), dtype == torch.bfloat16)
+    return out.view(dtype)
+
+
+def from_16bit(values: torch.Tensor) -> torch.Tensor:
+    """float32 of 16-bit values by the emulation's __half2float / __bfloat162float."""
+    values = values.contiguous()
+    out = torch.empty(values.shape, dtype=torch.float32)
+    bf16 = values.dtype == torch.bfloat16
+    library().mk_emu_from_16bit(_ptr(values), _ptr(out), values.numel(), bf16)
+    return out
 
 
 def _call(fn, *args) -> None:

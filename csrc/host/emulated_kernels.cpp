@@ -132,10 +132,17 @@ MK_EXPORT int mk_emu_margin_transform(int kind, const double* params, int target
   });
 }
 
-// Host conversions of the emulated 16-bit types, for the tests (bits in, bits out).
-MK_EXPORT uint16_t mk_emu_float_to_half(float v) { return __float2half_rn(v).bits; }
-MK_EXPORT float mk_emu_half_to_float(uint16_t bits) { return __half2float(__half{bits}); }
-MK_EXPORT uint16_t mk_emu_float_to_bfloat16(float v) { return __float2bfloat16_rn(v).bits; }
-MK_EXPORT float mk_emu_bfloat16_to_float(uint16_t bits) { return __bfloat162float(__nv_bfloat16{bits}); }
+// Host conversions of the emulated 16-bit types, for the tests: n values, bits in or out.
+MK_EXPORT void mk_emu_to_16bit(const float* in, uint16_t* out, int64_t n, int bfloat16) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = bfloat16 ? __float2bfloat16_rn(in[i]).bits : __float2half_rn(in[i]).bits;
+  }
+}
+
+MK_EXPORT void mk_emu_from_16bit(const uint16_t* in, float* out, int64_t n, int bfloat16) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = bfloat16 ? __bfloat162float(__nv_bfloat16{in[i]}) : __half2float(__half{in[i]});
+  }
+}
 
 }  // extern "C"
