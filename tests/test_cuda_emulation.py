@@ -39,7 +39,7 @@ from helpers import ALL_SPECS, STRAIGHT_THROUGH_SPECS, rel_error, requires_exten
 
 from margin_kernels import reference
 from margin_kernels.ops import cuda as cuda_backend
-from margin_kernels.spec import KINDS, NORM_EPS
+from margin_kernels.spec import KINDS, NORM_EPS, MarginSpec
 
 # One kind of each non-target family (the kernels are templated on the family).
 FAMILY_SPECS = {
@@ -218,6 +218,8 @@ def _epilogue_inputs(storage, spec, *, rows=3, cols=3077, dim=8, col_ids=False, 
     wy_norm = w_y.norm(dim=1)
     c_target = (x * w_y).sum(1) / (x_norm * wy_norm)
     logits = (x @ w.T).to(storage)
+    if rows > 2:
+        logits[2, 500] = math.nan  # the NaN policy: row 2's LSE is NaN, never finite or -inf
     gram = None
     if KINDS[spec.kind].family == "weighted":
         flat = torch.empty(rows * cols + gram_shift, dtype=storage)
@@ -321,7 +323,13 @@ def test_epilogue_ops_match_cpu_twin(family, case):
         _close(name, a, b, tol)
 
 
-TRANSFORM_SPECS = {**ALL_SPECS, **STRAIGHT_THROUGH_SPECS}
+# every kind, and psi margins past the closed forms (the Chebyshev recurrence of m >= 5)
+TRANSFORM_SPECS = {
+    **ALL_SPECS,
+    **STRAIGHT_THROUGH_SPECS,
+    "lsoftmax_m6": MarginSpec.lsoftmax(6),
+    "sphereface_m5": MarginSpec.sphereface(5),
+}
 
 
 @requires_extension

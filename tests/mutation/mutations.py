@@ -4,9 +4,12 @@ Each entry: an id, the file, one or more exact ``(original, replacement)`` snipp
 is, and the test files to run against it (a subset, to keep a run practical; new-test files are
 listed first so that a kill is found fast). An original that is not found exactly once is
 reported STALE, not run: the Triton and CUDA backends change, so refresh a snippet by copying
-the current line(s) into ``original``. Mutations of csrc/ would need a rebuild of the extension
-per mutation (~90 s each) and are not in the list; the CUDA backend's Python side is (its
-column-norm chain term of dW is dropped by skipping the ``margin_column_chain`` pass).
+the current line(s) into ``original``. Mutations of the CUDA kernels (``csrc/epilogue_kernels.cuh``)
+are killed or not by the emulated kernels (tests/test_cuda_emulation.py), which the mutated copy
+rebuilds from its own csrc/ (~10 s); the extension ``_C`` is not rebuilt (~90 s), so mutations of
+``margin_ops.cpp`` (the CPU twin, the oracle of those tests) are not in the list. The CUDA
+backend's Python side is (its column-norm chain term of dW is dropped by skipping the
+``margin_column_chain`` pass).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ TRITON_BWD = "margin_kernels/ops/triton/backward.py"
 TRITON_OPS = "margin_kernels/ops/triton/ops.py"
 CUDA = "margin_kernels/ops/cuda.py"
 REFERENCE = "margin_kernels/reference.py"
+CUDA_KERNELS = "csrc/epilogue_kernels.cuh"
 
 T_TRITON = "tests/test_triton_backend.py"
 T_TRITON_DEFECTS = "tests/test_triton_defects.py"
@@ -32,6 +36,7 @@ T_SWEEP = "tests/test_elementwise_sweep.py"
 T_DEGENERATE = "tests/test_degenerate_rows.py"
 T_SHARD = "tests/test_shard_targets.py"
 T_VALUES = "tests/test_values.py"
+T_EMULATION = "tests/test_cuda_emulation.py"
 
 
 @dataclass(frozen=True)
@@ -289,5 +294,156 @@ MUTATIONS = [
         (("out = out * (1.0 / scale)[:, None]", "out = out + 0.0"),),
         "Triton fp16 second GEMM: the per-row power-of-two operand scale not undone",
         (T_TRITON_DEFECTS, T_TRITON),
+    ),
+    # --- the CUDA kernels' own source, run by the emulated kernels ---------------------------
+    Mutation(
+        "cuda_warp_sum_from_offset_8",
+        CUDA_KERNELS,
+        (
+            (
+                "for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);",
+                "for (int off = 8; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);",
+            ),
+        ),
+        "CUDA warp_sum: the butterfly starts at offset 8 (lanes 16-31 never reach lane 0: "
+        "block_sum of the backward and the column chain drop half of each warp)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_block_lse_from_offset_8",
+        CUDA_KERNELS,
+        (
+            (
+                "  for (int off = 16; off > 0; off >>= 1) {\n"
+                "    LseState<M> other{__shfl_xor_sync(0xffffffffu, st.max, off),",
+                "  for (int off = 8; off > 0; off >>= 1) {\n"
+                "    LseState<M> other{__shfl_xor_sync(0xffffffffu, st.max, off),",
+            ),
+        ),
+        "CUDA block_lse: the warp stage of the LSE shuffle starts at offset 8",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_block_lse_sum_from_wrong_lane",
+        CUDA_KERNELS,
+        (
+            (
+                "                      __shfl_xor_sync(0xffffffffu, st.sum, off)};",
+                "                      __shfl_xor_sync(0xffffffffu, st.sum, off >> 1)};",
+            ),
+        ),
+        "CUDA block_lse: the partner's sum read with the wrong xor offset (max and sum of "
+        "different lanes merged)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_visit_row_no_scalar_tail",
+        CUDA_KERNELS,
+        (
+            (
+                "  for (int64_t j = head + num_packs * kVec + threadIdx.x; j < n; j += blockDim.x) "
+                "scalar(j);\n",
+                "",
+            ),
+        ),
+        "CUDA visit_row: the scalar tail after the last whole 16-byte pack dropped",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_visit_row_pack_stride",
+        CUDA_KERNELS,
+        (
+            (
+                "for (int64_t v = threadIdx.x; v < num_packs; v += blockDim.x) {",
+                "for (int64_t v = threadIdx.x; v < num_packs; v += 2 * blockDim.x) {",
+            ),
+        ),
+        "CUDA visit_row: the block strides over the packs twice as far (every other round of "
+        "packs skipped on rows of more than 256 packs)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_merge_drops_last_split",
+        CUDA_KERNELS,
+        (
+            (
+                "static_cast<const M*>(a.partial_b) + row * splits, splits);\n"
+                "  const RowInputs<M> r",
+                "static_cast<const M*>(a.partial_b) + row * splits, splits - 1);\n"
+                "  const RowInputs<M> r",
+            ),
+        ),
+        "CUDA finish_forward_row: the merge of the split partials stops before the last split",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_merge_ignores_running_lse",
+        CUDA_KERNELS,
+        (
+            (
+                "running[row] = merge_running_lse(running[row],",
+                "running[row] = merge_running_lse(M(-INFINITY),",
+            ),
+        ),
+        "CUDA finish_forward_row: the chunk's LSE replaces the running LSE of the previous "
+        "chunks instead of merging into it",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_backward_merge_wrong_partials",
+        CUDA_KERNELS,
+        (
+            (
+                "const M d_cy = sum_partials(static_cast<const M*>(a.partial_b)",
+                "const M d_cy = sum_partials(static_cast<const M*>(a.partial_a)",
+            ),
+        ),
+        "CUDA finish_backward_row: dL/dc_y summed from the dL/d||x|| partials",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_segment_floor_length",
+        CUDA_KERNELS,
+        (
+            (
+                "const int64_t seg = segment_length(a.num_cols, a.class_splits);",
+                "const int64_t seg = a.num_cols / a.class_splits;",
+            ),
+        ),
+        "CUDA block_segment: the segment length rounded down (the last S mod class_splits "
+        "columns of each row in no segment)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_column_chain_dot_off_by_one",
+        CUDA_KERNELS,
+        (
+            (
+                "for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) dot += ",
+                "for (int64_t d = threadIdx.x; d < a.dim - 1; d += blockDim.x) dot += ",
+            ),
+        ),
+        "CUDA column_chain_kernel: the dot W_j . H_j stops one element short",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_bf16_grad_written_as_half",
+        CUDA_KERNELS,
+        (
+            (
+                "a.grad_storage == Storage::kBFloat16",
+                "a.grad_storage == Storage::kFloat16",
+            ),
+        ),
+        "CUDA backward launcher: a bf16 dL/dz buffer written with the fp16 kernel",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_block_sum_missing_barrier",
+        CUDA_KERNELS,
+        (("  v = warp_sum(v);\n  __syncthreads();\n", "  v = warp_sum(v);\n"),),
+        "CUDA block_sum: the barrier before the shared scratch is written dropped (a second "
+        "block_sum, W-Softmax's dL/dc_y, overwrites partials the first still reads)",
+        (T_EMULATION,),
     ),
 ]
