@@ -30,10 +30,10 @@
 #define MK_SHARED __shared__
 // MK_LAUNCH(grid, block, stream, (args...), kernel<...>): the kernel last, so that the commas of
 // its template arguments need no parentheses.
-#define MK_LAUNCH(grid, block, stream, args, ...)     \
-  do {                                                \
-    __VA_ARGS__<<<grid, block, 0, stream>>> args;     \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                   \
+#define MK_LAUNCH(grid, block, stream, args, ...) \
+  do {                                            \
+    __VA_ARGS__<<<grid, block, 0, stream>>> args; \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();               \
   } while (0)
 
 #else  // host emulation
@@ -283,9 +283,9 @@ inline void launch(dim3 grid, dim3 threads, const std::function<void()>& body) {
   b.fibers.assign(n, Fiber{});
   for (size_t t = 0; t < n; ++t) {
     Fiber& f = b.fibers[t];
-    f.thread_idx = dim3(static_cast<unsigned>(t % threads.x),
-                        static_cast<unsigned>(t / threads.x % threads.y),
-                        static_cast<unsigned>(t / (static_cast<size_t>(threads.x) * threads.y)));
+    f.thread_idx =
+        dim3(static_cast<unsigned>(t % threads.x), static_cast<unsigned>(t / threads.x % threads.y),
+             static_cast<unsigned>(t / (static_cast<size_t>(threads.x) * threads.y)));
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = b.stacks.get() + t * kStackBytes;
     f.context.uc_stack.ss_size = kStackBytes;
@@ -335,10 +335,10 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
 
 // MK_LAUNCH(grid, block, stream, (args...), kernel<...>): the kernel called once per emulated
 // thread; a LaunchError propagates to the caller.
-#define MK_LAUNCH(grid, block, stream, args, ...)                            \
-  do {                                                                       \
-    (void)(stream);                                                          \
-    ::mk_exec::launch(grid, block, [&] { __VA_ARGS__ args; });               \
+#define MK_LAUNCH(grid, block, stream, args, ...)              \
+  do {                                                         \
+    (void)(stream);                                            \
+    ::mk_exec::launch(grid, block, [&] { __VA_ARGS__ args; }); \
   } while (0)
 
 #endif  // __CUDACC__

@@ -34,8 +34,24 @@ SOURCE = CSRC / "host" / "emulated_kernels.cpp"
 COVERAGE_ENV = "MARGIN_KERNELS_EMULATION_COVERAGE"
 COVERAGE_DIR = ROOT / "build" / "emulation-coverage"
 # -O1: a third less compile time than -O2 for a library that runs small grids
-FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror"]
-COVERAGE_FLAGS = ["-std=c++20", "-O0", "-fPIC", "-fvisibility=hidden", "--coverage", "-Wno-unknown-pragmas"]
+FLAGS = [
+    "-std=c++20",
+    "-O1",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unknown-pragmas",
+    "-Werror",
+]
+COVERAGE_FLAGS = [
+    "-std=c++20",
+    "-O0",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "--coverage",
+    "-Wno-unknown-pragmas",
+]
 
 STORAGE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 

@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         done, total = summarize(lines, (f,))
         print(f"  csrc/{f}: {done}/{total}")
     executed, total = summarize(lines, KERNEL_FILES)
-    print(f"csrc kernel lines executed: {executed}/{total} ({100.0 * executed / max(1, total):.1f}%)")
+    print(
+        f"csrc kernel lines executed: {executed}/{total} ({100.0 * executed / max(1, total):.1f}%)"
+    )
     if args.markdown:
         args.markdown.write_text(markdown(lines, args.tests))
         print(f"wrote {args.markdown}")

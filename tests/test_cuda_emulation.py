@@ -59,7 +59,12 @@ HALF = (torch.float16, torch.bfloat16)
 # Relative bounds (max |got - exact| / max |exact|) against the float64 reference of the same
 # (rounded) inputs: the logits are fp32 (fp64) for every storage dtype, so the forward is at fp32
 # accuracy; dL/dz and dW are stored in the 16-bit dtype in the CUDA flow.
-FORWARD_BOUND = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+FORWARD_BOUND = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 2e-6,
+    torch.bfloat16: 2e-6,
+}
 GRAD_BOUND = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
@@ -150,7 +155,9 @@ def _check_against_reference(x, w, y, spec, chunk_bytes, expected_splits=None):
     with emulated_backend(gpu_flow=dtype in HALF):
         got = _pieces_and_grads(emulated, x, w, y, spec, upstream.to(x.dtype))
     bounds = (FORWARD_BOUND[dtype],) * 2 + (GRAD_BOUND[dtype],) * 2
-    for name, a, e, bound in zip(("neg_lse", "target_logit", "dX", "dW"), got, exact, bounds):
+    for name, a, e, bound in zip(
+        ("neg_lse", "target_logit", "dX", "dW"), got, exact, bounds, strict=True
+    ):
         err = rel_error(a, e)
         assert err <= bound, f"{name}: relative error {err:.2e} > {bound:.0e}"
 
@@ -315,7 +322,7 @@ def test_epilogue_ops_match_cpu_twin(family, case):
         dh = bufs["gram"] if grad_gram is None else grad_gram
         outs[name] = (*rows_out, dz, dh)
     names = ("d_xnorm", "d_ctarget", "d_tnorm", "dL/dz", "dL/dh")
-    for name, a, b in zip(names, outs["emulated"], outs["twin"]):
+    for name, a, b in zip(names, outs["emulated"], outs["twin"], strict=True):
         if b is None:
             assert a is None
             continue
@@ -352,7 +359,7 @@ def test_margin_transform_kernel_matches_cpu_twin(dtype):
             args = (*tensors, kind, list(params), target)
             got = emulated.margin_transform(*args)
             want = _twin().margin_transform(*args)
-            for what, a, b in zip(("value", "deriv"), got, want):
+            for what, a, b in zip(("value", "deriv"), got, want, strict=True):
                 _close(f"{name} target={target} {what}", a, b, TWIN_RTOL[dtype])
 
 

@@ -98,11 +98,16 @@ MK_EXPORT int64_t mk_emu_epilogue_args_layout(int64_t* out, int64_t capacity) {
 MK_EXPORT int64_t mk_emu_column_chain_args_layout(int64_t* out, int64_t capacity) {
   using margin_kernels::ColumnChainArgs;
   const int64_t layout[] = {
-      static_cast<int64_t>(sizeof(ColumnChainArgs)), MK_OFFSET(ColumnChainArgs, storage),
-      MK_OFFSET(ColumnChainArgs, rows),              MK_OFFSET(ColumnChainArgs, dim),
-      MK_OFFSET(ColumnChainArgs, h),                 MK_OFFSET(ColumnChainArgs, h_stride),
-      MK_OFFSET(ColumnChainArgs, w),                 MK_OFFSET(ColumnChainArgs, w_stride),
-      MK_OFFSET(ColumnChainArgs, raw_norm),          MK_OFFSET(ColumnChainArgs, out),
+      static_cast<int64_t>(sizeof(ColumnChainArgs)),
+      MK_OFFSET(ColumnChainArgs, storage),
+      MK_OFFSET(ColumnChainArgs, rows),
+      MK_OFFSET(ColumnChainArgs, dim),
+      MK_OFFSET(ColumnChainArgs, h),
+      MK_OFFSET(ColumnChainArgs, h_stride),
+      MK_OFFSET(ColumnChainArgs, w),
+      MK_OFFSET(ColumnChainArgs, w_stride),
+      MK_OFFSET(ColumnChainArgs, raw_norm),
+      MK_OFFSET(ColumnChainArgs, out),
       MK_OFFSET(ColumnChainArgs, out_stride),
   };
   const int64_t n = static_cast<int64_t>(sizeof(layout) / sizeof(layout[0]));
@@ -122,9 +127,10 @@ MK_EXPORT int mk_emu_column_chain(const margin_kernels::ColumnChainArgs* args) {
   return guarded([&] { margin_kernels::launch_column_chain_cuda(*args, nullptr); });
 }
 
-MK_EXPORT int mk_emu_margin_transform(int kind, const double* params, int target, int storage, int64_t n,
-                            const void* cos, const void* x_norm, const void* w_norm,
-                            const void* c_target, const void* gram, void* value, void* deriv) {
+MK_EXPORT int mk_emu_margin_transform(int kind, const double* params, int target, int storage,
+                                      int64_t n, const void* cos, const void* x_norm,
+                                      const void* w_norm, const void* c_target, const void* gram,
+                                      void* value, void* deriv) {
   return guarded([&] {
     margin_kernels::launch_margin_transform_cuda(
         kind, params, target != 0, static_cast<margin_kernels::Storage>(storage), n, cos, x_norm,
