@@ -18,6 +18,7 @@ The library must build wherever the suite runs (CI has g++): a build failure fai
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import pytest
@@ -112,6 +113,30 @@ def test_host_16bit_conversions_round_like_torch():
         back = from_16bit(every)
         keep = ~torch.isnan(exact)
         assert torch.equal(back[keep], exact[keep]) and torch.isnan(back[~keep]).all()
+
+
+@pytest.mark.parametrize(
+    "which,threads,message",
+    [
+        (0, 32, "partial mask"),
+        (1, 32, "deadlock"),
+        (2, 32, "deadlock"),
+        (1, 48, "not a whole number of warps"),
+    ],
+    ids=["partial-mask", "lane-returned", "barrier-vs-shuffle", "partial-warp"],
+)
+def test_emulation_stops_kernels_that_break_the_execution_model(which, threads, message):
+    """What a GPU would hang on or leave undefined stops the launch with an error; the next
+    launch runs normally."""
+    lib = library()
+    out = torch.zeros(threads)
+    assert lib.mk_emu_broken_kernel(which, threads, ctypes.c_void_p(out.data_ptr())) == 1
+    assert message in lib.mk_emu_last_error().decode()
+    inputs = torch.linspace(-1, 1, 10, dtype=torch.float64)
+    ones = torch.ones_like(inputs)
+    kind, params = ALL_SPECS["cosface"].kernel_args()
+    value, _ = EmulatedOps().margin_transform(inputs, ones, ones, None, None, kind, params, True)
+    assert torch.allclose(value, 8.0 * (inputs - 0.35))
 
 
 # --- the chunked algorithm of ops/cuda.py over the emulated kernels ----------------------------

@@ -42,6 +42,24 @@ int guarded(Fn fn) {
   }
 }
 
+// Kernels that break the execution model, for the tests of the emulation's own checks.
+__global__ void shuffle_with_partial_mask(float* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, out[threadIdx.x], 1);
+}
+
+__global__ void shuffle_after_a_lane_returned(float* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, out[threadIdx.x], 1);
+}
+
+__global__ void barrier_and_shuffle_mixed(float* out) {
+  if (threadIdx.x == 0) {
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, out[threadIdx.x], 1);
+  }
+}
+
 }  // namespace
 
 #define MK_OFFSET(type, field) static_cast<int64_t>(offsetof(type, field))
@@ -135,6 +153,16 @@ MK_EXPORT int mk_emu_margin_transform(int kind, const double* params, int target
     margin_kernels::launch_margin_transform_cuda(
         kind, params, target != 0, static_cast<margin_kernels::Storage>(storage), n, cos, x_norm,
         w_norm, c_target, gram, value, deriv, nullptr);
+  });
+}
+
+// Launches one of the kernels above (0: partial mask, 1: a lane returned before a shuffle, 2: a
+// barrier and a shuffle that can never both be released; threads = block size) over out.
+MK_EXPORT int mk_emu_broken_kernel(int which, unsigned threads, float* out) {
+  return guarded([&] {
+    if (which == 0) MK_LAUNCH(1, threads, nullptr, (out), shuffle_with_partial_mask);
+    if (which == 1) MK_LAUNCH(1, threads, nullptr, (out), shuffle_after_a_lane_returned);
+    if (which == 2) MK_LAUNCH(1, threads, nullptr, (out), barrier_and_shuffle_mixed);
   });
 }
 
