@@ -33,17 +33,10 @@ CSRC = ROOT / "csrc"
 SOURCE = CSRC / "host" / "emulated_kernels.cpp"
 COVERAGE_ENV = "MARGIN_KERNELS_EMULATION_COVERAGE"
 COVERAGE_DIR = ROOT / "build" / "emulation-coverage"
-# -O1: a third less compile time than -O2 for a library that runs small grids
-FLAGS = [
-    "-std=c++20",
-    "-O1",
-    "-fPIC",
-    "-fvisibility=hidden",
-    "-Wall",
-    "-Wextra",
-    "-Wno-unknown-pragmas",
-    "-Werror",
-]
+# -O1: about 7 s of compiler time against 11 s at -O2 (g++ 12), for a library that runs small
+# grids; warnings are shown on a failed build, not made errors (another compiler, new warnings)
+FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra"]
+FLAGS += ["-Wno-unknown-pragmas"]
 COVERAGE_FLAGS = [
     "-std=c++20",
     "-O0",

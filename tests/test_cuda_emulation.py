@@ -162,14 +162,19 @@ def _pieces_and_grads(fn, x, w, y, spec, upstream):
     return neg_lse.detach(), target_logit.detach(), x.grad, w.grad
 
 
-def _check_against_reference(x, w, y, spec, chunk_bytes, expected_splits=None):
+def _check_against_reference(x, w, y, spec, chunk_bytes, expected_chunks, expected_splits):
+    """The plan is the one the test means (chunks, class splits), then loss pieces, dX and dW
+    of the emulated run against the float64 reference of the same inputs."""
     dtype = x.dtype
-    if expected_splits is not None:
-        plan = cuda_backend.chunk_plan(
-            x.shape[0], w.shape[0], x.shape[1], dtype, spec.kind, None, chunk_bytes,
-            device_type="cpu",
-        )  # fmt: skip
-        assert plan.epilogue_grid == (x.shape[0], expected_splits)
+    plan = cuda_backend.chunk_plan(
+        x.shape[0], w.shape[0], x.shape[1], dtype, spec.kind, None, chunk_bytes,
+        device_type="cpu",
+    )  # fmt: skip
+    assert (plan.num_chunks, plan.epilogue_grid) == (
+        expected_chunks,
+        (x.shape[0], expected_splits),
+    )
+    assert plan.threads_per_block == 256
     g = torch.Generator().manual_seed(1)
     upstream = torch.rand(2, x.shape[0], generator=g, dtype=torch.float64) + 0.5
     exact = _pieces_and_grads(reference.lse_parts, x.double(), w.double(), y, spec, upstream)
@@ -178,7 +183,7 @@ def _check_against_reference(x, w, y, spec, chunk_bytes, expected_splits=None):
         return cuda_backend._chunked_lse_parts(x, w, y, spec, chunk_bytes=chunk_bytes)
 
     with emulated_backend(gpu_flow=dtype in HALF):
-        got = _pieces_and_grads(emulated, x, w, y, spec, upstream.to(x.dtype))
+        got = _pieces_and_grads(emulated, x, w, y, spec, upstream.to(plan.logits_dtype))
     bounds = (FORWARD_BOUND[dtype],) * 2 + (GRAD_BOUND[dtype],) * 2
     for name, a, e, bound in zip(
         ("neg_lse", "target_logit", "dX", "dW"), got, exact, bounds, strict=True
@@ -196,7 +201,7 @@ def test_chunked_algorithm_over_emulated_kernels(family, dtype):
     spec = FAMILY_SPECS[family]
     x, w, y = _data(5, 301, 20, dtype, seed=2)
     chunk_bytes = 128 * cuda_backend.class_bytes(5, 20, dtype, spec.kind, False, "cpu")
-    _check_against_reference(x, w, y, spec, chunk_bytes, expected_splits=1)
+    _check_against_reference(x, w, y, spec, chunk_bytes, expected_chunks=3, expected_splits=1)
 
 
 @pytest.mark.parametrize(
@@ -211,7 +216,7 @@ def test_chunked_algorithm_class_splits(family, dtype):
     cases cheap; test_epilogue_ops_match_cpu_twin runs every family with 3 splits.)"""
     spec = FAMILY_SPECS[family]
     x, w, y = _data(3, 3077, 12, dtype, seed=4)
-    _check_against_reference(x, w, y, spec, None, expected_splits=3)
+    _check_against_reference(x, w, y, spec, None, expected_chunks=1, expected_splits=3)
 
 
 # --- each emulated op against the C++ CPU twin ---------------------------------------------------
@@ -432,4 +437,4 @@ def test_zero_weight_row_16bit_gpu_flow(family):
     x, w, y = _data(5, 301, 20, torch.float16, seed=2)
     w[3] = 0.0
     chunk_bytes = 128 * cuda_backend.class_bytes(5, 20, torch.float16, spec.kind, False, "cpu")
-    _check_against_reference(x, w, y, spec, chunk_bytes, expected_splits=1)
+    _check_against_reference(x, w, y, spec, chunk_bytes, expected_chunks=3, expected_splits=1)
