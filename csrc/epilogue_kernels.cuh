@@ -269,7 +269,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // O is the dtype dL/dz (dL/dh) is written in: S writes it in place over the logits; a 16-bit O
 // writes it to the separate grad_logits (grad_gram) buffers, which the dX and dW GEMMs then read
-// on tensor cores, and the fp32 logits are only read.
+// on tensor cores, and the fp32 logits are only read. The 16-bit buffers hold dL/dz (dL/dh) times
+// max(||W_j||, eps): dL/dz itself reaches 1/eps = 1e12 on a zero weight row, past fp16's range,
+// and the inf would meet W_j = 0 in the dX GEMM (NaN). The host folds 1/max(||W_j||, eps) into
+// the dX GEMM's operand (W_j normalised) and into the rows of dW.
 template <typename S, int F, typename O>
 __global__ void __launch_bounds__(kThreads)
     lse_backward_kernel(EpilogueArgs a, MarginParams<typename MathType<S>::type> p) {
@@ -304,8 +307,9 @@ __global__ void __launch_bounds__(kThreads)
       const M logit = nontarget_logit<F>(p, c, r.x_norm, w_norm, r.c_y, gram, &d_c);
       prob_grad = grad_lse * exp(logit - neg_lse);
     }
-    const NontargetGrad<M> g = nontarget_backward<F>(p, prob_grad, c, r.x_norm, r.inv_x_norm,
-                                                     inv_w_norm, r.c_y, gram, r.inv_wy_norm);
+    const NontargetGrad<M> g =
+        nontarget_backward<F>(p, prob_grad, c, r.x_norm, r.inv_x_norm,
+                              kInPlace ? inv_w_norm : M(1), r.c_y, gram, r.inv_wy_norm);
     if (kInPlace) {
       z = g.d_z;
       h = g.d_h;

@@ -372,15 +372,21 @@ def test_ops_reject_bad_arguments():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["cosface", "w_softmax"])
+@pytest.mark.parametrize("name", ["cosface", "w_softmax", "lsoftmax_m4"])
 def test_backward_writes_16bit_grad_buffers(name, dtype):
-    """With grad_logits (grad_gram) the backward epilogue writes dL/dz (dL/dh) there, rounded
-    once to the 16-bit dtype, and leaves the fp32 logits unchanged: the same values as the
-    in-place run."""
+    """With grad_logits (grad_gram) the backward epilogue writes there dL/dz (dL/dh) times
+    max(||W_j||, eps) (kinds with raw W_j: dL/dz), rounded to the 16-bit dtype, and leaves the
+    fp32 logits unchanged: the in-place run's values times the column norm, to within one
+    rounding. Column 5 is a zero weight row (norm held at eps): its dL/dz, up to 1e12 times the
+    softmax gradient, is past fp16's range, while the buffer holds a finite value."""
     spec = ALL_SPECS[name]
     ops = torch.ops.margin_kernels
     a = _op_args(spec, dtype=torch.float32, cols=19)
     a["col_ids"] = None
+    a["col_norm"][5] = 1e-12
+    a["logits"][:, 5] = 0.0
+    if a["gram"] is not None:
+        a["gram"][:, 5] = 0.0
     rows = a["logits"].shape[0]
     grads = (torch.ones(rows), torch.full((rows,), 0.5))
     neg_lse = a["running_lse"].clone()
@@ -398,9 +404,18 @@ def test_backward_writes_16bit_grad_buffers(name, dtype):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     assert torch.equal(a["logits"], logits_before)
-    assert torch.equal(dz, in_place[0].to(dtype))
-    if dh is not None:
-        assert torch.equal(dh, in_place[1].to(dtype))
+    scale = a["col_norm"] if spec.normalizes_weight else torch.ones_like(a["col_norm"])
+    eps = torch.finfo(dtype).eps
+    if spec.kind != "lsoftmax":
+        assert in_place[0][:, 5].abs().max() > 1e6  # past fp16 range (65504)
+    for buffer, exact in ((dz, in_place[0]), (dh, in_place[1])):
+        if buffer is None:
+            continue
+        assert torch.isfinite(buffer[:, 5]).all()
+        # one rounding apart: eps relative, or the subnormal spacing below the smallest normal
+        subnormal = torch.finfo(dtype).smallest_normal * eps
+        rounded = (exact * scale).to(dtype).float()
+        torch.testing.assert_close(buffer.float(), rounded, rtol=eps, atol=subnormal)
     torch.library.opcheck(ops.margin_lse_bwd.default, bwd_args)
     with pytest.raises(ValueError, match="grad_logits"):
         ops.margin_lse_bwd(*head, neg_lse, *grads, 3, True, dz.float(), dh, a["kind"], a["params"])

@@ -9,12 +9,16 @@ rows, so each GEMM is (B x D) by (D x S_c) and W is read once per pass:
   transform of ``csrc/margin_math.h``, the target column masked out, an online log-sum-exp over
   the chunk, merged into each row's running LSE carried across chunks;
 * backward, per chunk: ``z`` recomputed, the backward epilogue (``margin_lse_bwd``) overwrites it
-  with ``dL/dz`` in place (16-bit inputs on CUDA: writes ``dL/dz`` once, in the input dtype,
-  into the buffer the tensor-core GEMMs read); ``dX += dz W_c`` accumulated in fp32 across chunks;
+  with ``dL/dz`` in place; ``dX += dz W_c`` accumulated in fp32 across chunks;
   ``H_c = dz^T x`` and the column-norm chain term of the chunk
   ``dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2`` (a scale-invariant function of W_j has a gradient
   orthogonal to W_j) applied at once by one pass (``margin_column_chain``: a block per row reads
   H_j and W_j and writes dW_j), so ``dW_c`` is written once, in W's dtype.
+  16-bit inputs on CUDA: the epilogue writes ``u_ij = dL/dz_ij max(||W_j||, eps)`` once, in the
+  input dtype, into the buffer the tensor-core GEMMs read (``dL/dz`` itself reaches 1/eps = 1e12
+  on a zero weight row, past fp16's range); ``dX += u Ŵ_c`` with ``Ŵ_j = W_j / max(||W_j||, eps)``
+  (0 on a zero row) and ``H_c = u^T x`` divided row by row by ``max(||W_j||, eps)`` in fp32, the
+  same quantities as above (kinds with raw W_j: ``u = dL/dz``).
 
 The epilogues run on a (B, class_splits) grid: rows are split into class segments when B alone
 would not give several blocks per SM, and the split partials are merged in a fixed order, so the
@@ -34,7 +38,8 @@ gradients, is at most ``ChunkPlan.extra_bytes`` = ``S_c * per_class + per_rows``
   else 1) + for 16-bit inputs ``n B 2`` (dL/dz in the storage dtype for the tensor-core GEMMs,
   CUDA) and ``4 D`` (the chunk's H_c in fp32) (+ ``4 D`` on CPU: the chunk of W in fp32, CPU
   has no fp32-output 16-bit GEMM) + with ``class_ids`` ``2 e D`` (the gathered W_c and H_c,
-  e = itemsize);
+  e = itemsize); the 16-bit Ŵ_c (``e D`` per class) lives only while the fp32 logits are freed
+  and H_c is not yet allocated, so it stays inside that bound;
 * ``per_rows`` = ``L (10 B D + 24 B + 2 S + 4 B class_splits)`` (norms, ||W_j|| of the S classes
   kept from the forward, the target rows W_y and
   the fp32 dX accumulators: O(B D + C)).
@@ -406,15 +411,23 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             if not separate:
                 d_z, d_h = logits, gram
             del logits, gram
-            _accumulate(grad_x, chunks, d_z, w_op)
+            # separate 16-bit buffers hold u = dL/dz max(||W_j||, eps) (dL/dh likewise) where
+            # the kind normalises W: the dX GEMMs read W_c normalised, and H_c = u^T x is divided
+            # row by row below
+            unscaled = separate and normalizes_weight
+            w_dx = _normalized_rows(w_op, col_norm) if unscaled else w_op
+            _accumulate(grad_x, chunks, d_z, w_dx)
             if weighted:
-                _accumulate(grad_wy_gram, chunks, d_h, w_op)
+                _accumulate(grad_wy_gram, chunks, d_h, w_dx)
+            del w_dx
             # H_c = dz^T x (+ dh^T W_y): in place in dW's rows when dtypes allow, else fp32
             stop = start + w_c.shape[0]
             h_c = grad_weight[start:stop] if in_place_dw else None
             h_c = _mm_into(h_c, chunks, d_z.T, chunks.x_mm)
             if weighted:
                 h_c += chunks.mm(d_h.T, w_y_mm)
+            if unscaled:
+                h_c.div_(col_norm[:, None])
             del d_z, d_h
             # the rows of dW_c, in W's dtype: dW's own rows, or (Partial FC) rows to scatter
             if in_place_dw or (class_ids is not None and h_c.dtype == weight.dtype):
@@ -457,6 +470,13 @@ def _accumulate(out: torch.Tensor, chunks: _Chunks, a: torch.Tensor, b: torch.Te
         out.addmm_(a, b)
     else:
         out += chunks.mm(a, b)
+
+
+def _normalized_rows(w: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """w_j / norm_j in w's dtype (the quotient taken in norm's dtype: the clamped 1e-12 of a zero
+    row is not representable in fp16), without a temporary of w's shape in norm's dtype."""
+    out = torch.empty_like(w)
+    return torch.div(w, norm[:, None], out=out)
 
 
 def _mm_into(out: torch.Tensor | None, chunks: _Chunks, a: torch.Tensor, b: torch.Tensor):
