@@ -270,9 +270,10 @@ __global__ void __launch_bounds__(kThreads)
 // O is the dtype dL/dz (dL/dh) is written in: S writes it in place over the logits; a 16-bit O
 // writes it to the separate grad_logits (grad_gram) buffers, which the dX and dW GEMMs then read
 // on tensor cores, and the fp32 logits are only read. The 16-bit buffers hold dL/dz (dL/dh) times
-// max(||W_j||, eps): dL/dz itself reaches 1/eps = 1e12 on a zero weight row, past fp16's range,
-// and the inf would meet W_j = 0 in the dX GEMM (NaN). The host folds 1/max(||W_j||, eps) into
-// the dX GEMM's operand (W_j normalised) and into the rows of dW.
+// max(||W_j||, eps), and dL/dz times max(||x_i||, eps) where it carries 1/||x_i||: dL/dz itself
+// reaches 1/eps = 1e12 on a zero weight (feature) row, past fp16's range, and the inf would meet
+// the zero row in a GEMM (NaN). The host folds the factors back in fp32: normalised rows of W
+// (x) as the dX (dW) GEMM operand, then each row of dW (dX) divided by its norm.
 template <typename S, int F, typename O>
 __global__ void __launch_bounds__(kThreads)
     lse_backward_kernel(EpilogueArgs a, MarginParams<typename MathType<S>::type> p) {
@@ -291,6 +292,7 @@ __global__ void __launch_bounds__(kThreads)
   M d_xn = M(0);
   M d_cy = M(0);
   constexpr bool kInPlace = std::is_same<S, O>::value;
+  const M dz_row_factor = !kInPlace && dz_has_inv_x_norm<F>() ? r.x_norm : M(1);
   O* dz_row =
       kInPlace ? nullptr : static_cast<O*>(a.grad_logits) + row * a.num_cols + segment.first;
   O* dh_row = kInPlace || F != kWeighted
@@ -315,7 +317,7 @@ __global__ void __launch_bounds__(kThreads)
       h = g.d_h;
     } else {
       // consecutive threads own consecutive 16-byte packs of z: these 2-byte stores coalesce
-      dz_row[j] = from_math<O>(g.d_z);
+      dz_row[j] = from_math<O>(g.d_z * dz_row_factor);
       if (F == kWeighted) dh_row[j] = from_math<O>(g.d_h);
     }
     d_xn += g.d_xn;

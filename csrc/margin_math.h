@@ -342,6 +342,13 @@ MK_HD T margin_transform_one(const MarginParams<T>& p, bool target, T c, T x_nor
 // g = h / (||W_y|| ||W_j||) with the raw dot h = W_y . W_j. Returned: dL/dz (what the backward
 // epilogue writes over the logits), dL/d||x|| with z held (summed over the row), dL/dc_y
 // (summed over the row) and dL/dh (written over the W-Softmax gram buffer).
+// Families whose dL/dz carries 1/||x|| (the logit a function of the cosine alone): the backward
+// writes their 16-bit dL/dz times max(||x||, eps), bounded on a zero feature row.
+template <int F>
+MK_HD constexpr bool dz_has_inv_x_norm() {
+  return F == kScaled || F == kSquared;
+}
+
 template <typename T>
 struct NontargetGrad {
   T d_z;

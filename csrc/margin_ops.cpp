@@ -255,7 +255,8 @@ void lse_backward_cpu(const EpilogueArgs& a) {
           M d_c;
           prob_grad = grad_lse * std::exp(nontarget_logit<F>(p, c, xn, wn, c_y, g, &d_c) - neg_lse);
         }
-        // the separate 16-bit buffers take dL/dz (dL/dh) times max(||W_j||, eps) (see the op)
+        // the separate 16-bit buffers take dL/dz (dL/dh) times max(||W_j||, eps), and times
+        // max(||x_i||, eps) where dL/dz carries 1/||x_i|| (see the op)
         const bool separate = a.grad_logits != nullptr;
         const NontargetGrad<M> ng = nontarget_backward<F>(p, prob_grad, c, xn, inv_xn,
                                                           separate ? M(1) : inv_wn, c_y, g, inv_wyn);
@@ -263,7 +264,8 @@ void lse_backward_cpu(const EpilogueArgs& a) {
           logits[idx] = static_cast<S>(ng.d_z);
           if (F == kWeighted) gram[idx] = static_cast<S>(ng.d_h);
         } else {
-          store_as(a.grad_logits, a.grad_storage, idx, ng.d_z);
+          store_as(a.grad_logits, a.grad_storage, idx,
+                   dz_has_inv_x_norm<F>() ? ng.d_z * xn : ng.d_z);
           if (F == kWeighted) store_as(a.grad_gram, a.grad_storage, idx, ng.d_h);
         }
         d_xn += ng.d_xn;
@@ -705,8 +707,9 @@ TORCH_LIBRARY(margin_kernels, m) {
       "-> Tensor");
   // Backward epilogue: overwrites logits with dL/dz (and gram with dL/dh), or, when grad_logits
   // (grad_gram) are given (fp16/bf16 next to fp32 logits), writes there dL/dz (dL/dh) times
-  // max(||W_j||, eps), a quantity bounded where dL/dz reaches 1/eps (zero weight rows), and only
-  // reads the logits; returns per row this chunk's dL/d||x|| (raw dots held) and dL/dc_y, plus the
+  // max(||W_j||, eps) (kinds with normalised W), and dL/dz also times max(||x_i||, eps) where it
+  // carries 1/||x_i|| (scaled, squared): quantities bounded where dL/dz reaches 1/eps (zero weight
+  // or feature rows); only reads the logits; returns per row this chunk's dL/d||x|| (raw dots held) and dL/dc_y, plus the
   // target's terms and dL/d||W_y|| when with_target (set on exactly one chunk).
   m.def(
       "margin_lse_bwd(Tensor(a!) logits, Tensor(b!)? gram, Tensor x_norm, Tensor col_norm, "

@@ -31,7 +31,7 @@ from harness import LiveBytes
 
 from margin_kernels import reference
 from margin_kernels.ops import cuda as cuda_backend
-from margin_kernels.spec import MarginSpec
+from margin_kernels.spec import KINDS, MarginSpec
 
 needs_ext = requires_extension
 needs_gpu = requires_cuda_extension
@@ -375,16 +375,19 @@ def test_ops_reject_bad_arguments():
 @pytest.mark.parametrize("name", ["cosface", "w_softmax", "lsoftmax_m4"])
 def test_backward_writes_16bit_grad_buffers(name, dtype):
     """With grad_logits (grad_gram) the backward epilogue writes there dL/dz (dL/dh) times
-    max(||W_j||, eps) (kinds with raw W_j: dL/dz), rounded to the 16-bit dtype, and leaves the
-    fp32 logits unchanged: the in-place run's values times the column norm, to within one
-    rounding. Column 5 is a zero weight row (norm held at eps): its dL/dz, up to 1e12 times the
-    softmax gradient, is past fp16's range, while the buffer holds a finite value."""
+    max(||W_j||, eps) (kinds with raw W_j: dL/dz), and, in the scaled and squared families, dL/dz
+    also times max(||x_i||, eps), rounded to the 16-bit dtype, and leaves the fp32 logits
+    unchanged: the in-place run's values times those norms, to within one rounding. Column 5 is
+    a zero weight row, row 2 a zero feature row (norms held at eps): their dL/dz, up to 1e12
+    times the softmax gradient, is past fp16's range, while the buffer holds finite values."""
     spec = ALL_SPECS[name]
     ops = torch.ops.margin_kernels
     a = _op_args(spec, dtype=torch.float32, cols=19)
     a["col_ids"] = None
     a["col_norm"][5] = 1e-12
     a["logits"][:, 5] = 0.0
+    a["x_norm"][2] = 1e-12
+    a["logits"][2] = 0.0
     if a["gram"] is not None:
         a["gram"][:, 5] = 0.0
     rows = a["logits"].shape[0]
@@ -404,17 +407,21 @@ def test_backward_writes_16bit_grad_buffers(name, dtype):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     assert torch.equal(a["logits"], logits_before)
+    family = KINDS[spec.kind].family
     scale = a["col_norm"] if spec.normalizes_weight else torch.ones_like(a["col_norm"])
+    dz_scale = scale * a["x_norm"][:, None] if family in ("scaled", "squared") else scale
     eps = torch.finfo(dtype).eps
     if spec.kind != "lsoftmax":
         assert in_place[0][:, 5].abs().max() > 1e6  # past fp16 range (65504)
-    for buffer, exact in ((dz, in_place[0]), (dh, in_place[1])):
+    if family == "scaled":
+        assert in_place[0][2].abs().max() > 1e6
+    for buffer, exact, factor in ((dz, in_place[0], dz_scale), (dh, in_place[1], scale)):
         if buffer is None:
             continue
-        assert torch.isfinite(buffer[:, 5]).all()
+        assert torch.isfinite(buffer[:, 5]).all() and torch.isfinite(buffer[2]).all()
         # one rounding apart: eps relative, or the subnormal spacing below the smallest normal
         subnormal = torch.finfo(dtype).smallest_normal * eps
-        rounded = (exact * scale).to(dtype).float()
+        rounded = (exact * factor).to(dtype).float()
         torch.testing.assert_close(buffer.float(), rounded, rtol=eps, atol=subnormal)
     torch.library.opcheck(ops.margin_lse_bwd.default, bwd_args)
     with pytest.raises(ValueError, match="grad_logits"):

@@ -432,33 +432,55 @@ def test_storage_ids_match_epilogue_header():
         assert f"{name} = {STORAGE[dtype]}" in text
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("family", ["feature_norm", "scaled", "weighted"])
-def test_zero_weight_row_16bit_gpu_flow(family, dtype):
-    """A zero weight row (||W_j|| held at eps = 1e-12) in the CUDA flow of 16-bit inputs: dL/dz
-    of its column is ~1/eps, past fp16's range, so the epilogue writes dL/dz max(||W_j||, eps)
-    and the host divides by max(||W_j||, eps) in the dX operand (W_j normalised: 0 here) and in
-    dW's rows. Loss pieces, dX and the other rows of dW within the usual bounds. The zero row's
-    own dW scales like 1/eps (~5e9 here, a scale the reference computes too): in bf16 it is
-    compared like the other rows; in fp16 it is the float64 reference rounded to fp16 (+-inf)."""
-    spec = FAMILY_SPECS[family]
-    x, w, y = _data(5, 301, 20, dtype, seed=2)
-    w[3] = 0.0
-    chunk_bytes = 128 * cuda_backend.class_bytes(5, 20, dtype, spec.kind, False, "cpu")
-    got, exact = _emulated_and_exact(x, w, y, spec, chunk_bytes, 3, 1)
-    others = torch.ones(w.shape[0], dtype=torch.bool)
-    others[3] = False
-    pairs = [*zip(got[:3], exact[:3], strict=True), (got[3][others], exact[3][others])]
+def _check_with_zero_row(got, exact, dtype, grad: int, row: int) -> None:
+    """Loss pieces and gradients within the usual bounds, except row ``row`` of gradient
+    ``grad`` (2: dX, 3: dW), a zero row's own gradient, which scales like 1/eps (1e9-1e13 here,
+    a scale the float64 reference computes too): in bf16 it is compared like the rest, in fp16
+    it must be the float64 reference rounded to fp16 (+-inf)."""
+    others = torch.ones(exact[grad].shape[0], dtype=torch.bool)
+    others[row] = False
+    pairs = [(a, e) for a, e in zip(got, exact, strict=True)]
+    pairs[grad] = (got[grad][others], exact[grad][others])
     bounds = (FORWARD_BOUND[dtype],) * 2 + (GRAD_BOUND[dtype],) * 2
     names = ("neg_lse", "target_logit", "dX", "dW")
     for name, (a, e), bound in zip(names, pairs, bounds, strict=True):
         err = rel_error(a, e)
         assert err <= bound, f"{name}: relative error {err:.2e} > {bound:.0e}"
-    zero_row, exact_row = got[3][3], exact[3][3]
+    zero_row, exact_row = got[grad][row], exact[grad][row]
     assert exact_row.abs().max() > 1e9
     if dtype == torch.float16:
         assert torch.isinf(exact_row.to(dtype)).all()
         assert torch.equal(zero_row, exact_row.to(dtype))
     else:
         err = rel_error(zero_row, exact_row)
-        assert err <= GRAD_BOUND[dtype], f"dW zero row: relative error {err:.2e}"
+        assert err <= GRAD_BOUND[dtype], f"{names[grad]} zero row: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("family", ["feature_norm", "scaled", "weighted"])
+def test_zero_weight_row_16bit_gpu_flow(family, dtype):
+    """A zero weight row (||W_j|| held at eps = 1e-12) in the CUDA flow of 16-bit inputs: dL/dz
+    of its column is ~1/eps, past fp16's range, so the epilogue writes dL/dz max(||W_j||, eps)
+    and the host divides by max(||W_j||, eps) in the dX operand (W_j normalised: 0 here) and in
+    dW's rows (before the fix: dX NaN in fp16, and for W-Softmax every row of dW)."""
+    spec = FAMILY_SPECS[family]
+    x, w, y = _data(5, 301, 20, dtype, seed=2)
+    w[3] = 0.0
+    chunk_bytes = 128 * cuda_backend.class_bytes(5, 20, dtype, spec.kind, False, "cpu")
+    got, exact = _emulated_and_exact(x, w, y, spec, chunk_bytes, 3, 1)
+    _check_with_zero_row(got, exact, dtype, grad=3, row=3)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("family", ["scaled", "squared"])
+def test_zero_feature_row_16bit_gpu_flow(family, dtype):
+    """A zero feature row (||x_i|| held at eps) in the CUDA flow of 16-bit inputs: in the
+    families whose dL/dz carries 1/||x_i|| the epilogue writes it times max(||x_i||, eps) too, and
+    the host divides dX's rows by max(||x_i||, eps) and reads x normalised (0 here) in the dW
+    GEMM (before: inf x 0 in that GEMM made every row of dW NaN in fp16)."""
+    spec = FAMILY_SPECS[family]
+    x, w, y = _data(5, 301, 20, dtype, seed=2)
+    x[2] = 0.0
+    chunk_bytes = 128 * cuda_backend.class_bytes(5, 20, dtype, spec.kind, False, "cpu")
+    got, exact = _emulated_and_exact(x, w, y, spec, chunk_bytes, 3, 1)
+    _check_with_zero_row(got, exact, dtype, grad=2, row=2)

@@ -446,4 +446,50 @@ MUTATIONS = [
         "block_sum, W-Softmax's dL/dc_y, overwrites partials the first still reads)",
         (T_EMULATION,),
     ),
+    Mutation(
+        "cuda_16bit_dz_without_column_norm",
+        CUDA_KERNELS,
+        (("kInPlace ? inv_w_norm : M(1)", "inv_w_norm"),),
+        "CUDA backward epilogue: the 16-bit dL/dz buffer takes dL/dz itself, not dL/dz times "
+        "max(||W_j||, eps) (a zero weight row overflows fp16; every other column is off by "
+        "||W_j|| against the host's unscaling)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_16bit_dx_operand_not_normalised",
+        CUDA,
+        (
+            (
+                "w_dx = _normalized_rows(w_op, col_norm) if unscale_cols else w_op",
+                "w_dx = w_op",
+            ),
+        ),
+        "CUDA backend, 16-bit GPU flow: the dX GEMMs read W_c instead of W_c / max(||W_j||, eps)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_16bit_dw_rows_not_unscaled",
+        CUDA,
+        (("            if unscale_cols:\n                h_c.div_(col_norm[:, None])\n", ""),),
+        "CUDA backend, 16-bit GPU flow: H_c = u^T x not divided by max(||W_j||, eps) (dW rows "
+        "scaled by the column norm)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_16bit_dz_without_row_norm",
+        CUDA_KERNELS,
+        (("!kInPlace && dz_has_inv_x_norm<F>() ? r.x_norm : M(1)", "M(1)"),),
+        "CUDA backward epilogue: the 16-bit dL/dz buffer of the scaled and squared families not "
+        "multiplied by max(||x_i||, eps) (a zero feature row overflows fp16; every other row is "
+        "off by ||x_i|| against the host's unscaling)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_16bit_dx_rows_not_unscaled",
+        CUDA,
+        (("        if unscale_rows:\n            grad_x /= xn\n", ""),),
+        "CUDA backend, 16-bit GPU flow: dX's rows not divided by max(||x_i||, eps) in the scaled "
+        "and squared families",
+        (T_EMULATION,),
+    ),
 ]
