@@ -463,7 +463,8 @@ void launch_transform(int kind, const double* params, bool target, int64_t n, co
 }
 
 // One block per dW row j: the dot W_j . H_j reduced over the block, then every element of the
-// row rewritten as H_j - coef W_j in the storage dtype (one read of H and W, one write of dW).
+// row rewritten as (H_j - coef W_j) scale in the storage dtype (one read of H and W, one write of
+// dW); scale = 1, or 1 / max(||W_j||, eps) for an H_j scaled by it (16-bit backward).
 template <typename M, typename S>
 __global__ void __launch_bounds__(kThreads) column_chain_kernel(ColumnChainArgs a) {
   MK_SHARED M scratch[kWarps];
@@ -474,9 +475,11 @@ __global__ void __launch_bounds__(kThreads) column_chain_kernel(ColumnChainArgs 
   M dot = M(0);
   for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) dot += h[d] * to_math(w[d]);
   dot = block_sum(dot, scratch);
-  const M coef = column_chain_coef(dot, static_cast<const M*>(a.raw_norm)[row]);
+  const M raw = static_cast<const M*>(a.raw_norm)[row];
+  const M coef = column_chain_coef(dot, raw);
+  const M scale = column_chain_scale(a.h_scaled, raw);
   for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) {
-    out[d] = from_math<S>(h[d] - coef * to_math(w[d]));
+    out[d] = from_math<S>((h[d] - coef * to_math(w[d])) * scale);
   }
 }
 

@@ -468,4 +468,12 @@ MK_HD T column_chain_coef(T dot, T raw_norm) {
   return dot / (raw_norm * raw_norm);
 }
 
+// Factor of a chain row whose H_j came scaled by max(||W_j||, eps) (the 16-bit dL/dz of the
+// backward): 1 / max(||W_j||, eps); 1 for an unscaled H_j. A NaN norm gives NaN.
+template <typename T>
+MK_HD T column_chain_scale(bool h_scaled, T raw_norm) {
+  if (!h_scaled) return T(1);
+  return T(1) / (raw_norm < T(kNormEps) ? T(kNormEps) : raw_norm);
+}
+
 }  // namespace margin_kernels

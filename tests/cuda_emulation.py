@@ -171,6 +171,7 @@ class ColumnChainArgs(ctypes.Structure):
         ("raw_norm", _P),
         ("out", _P),
         ("out_stride", ctypes.c_int64),
+        ("h_scaled", ctypes.c_bool),
     ]
 
 
@@ -297,7 +298,7 @@ class EmulatedOps:
         del keep
         return tuple(outputs)
 
-    def margin_column_chain(self, h, w, raw_norm, out) -> None:
+    def margin_column_chain(self, h, w, raw_norm, out, h_scaled=False) -> None:
         target = h if out is None else out
         a = ColumnChainArgs()
         a.storage = STORAGE[w.dtype]
@@ -308,6 +309,7 @@ class EmulatedOps:
             setattr(a, name, t.data_ptr())
             setattr(a, f"{name}_stride", t.stride(0) if t.shape[0] > 1 else w.shape[1])
         a.raw_norm = _ptr(raw_norm)
+        a.h_scaled = h_scaled
         _call(library().mk_emu_column_chain, ctypes.byref(a))
 
     def margin_transform(

@@ -782,7 +782,8 @@ def test_gpu_path_for_16bit_inputs_emulated_on_cpu(monkeypatch, name, partial_fc
 def test_column_chain_pass(dtype):
     """margin_column_chain: dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2 in one pass, 0 coefficient
     where the eps clamp holds ||W_j|| (a zero row), written in W's dtype; in place over H for
-    fp32/fp64; a NaN row of W stays NaN."""
+    fp32/fp64; a NaN row of W stays NaN. With h_scaled (H_j came times max(||W_j||, eps)) each
+    row is divided by max(||W_j||, eps): the zero row by 1e-12."""
     ops = torch.ops.margin_kernels
     math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(11)
@@ -801,6 +802,11 @@ def test_column_chain_pass(dtype):
     torch.testing.assert_close(out[4], h[4].to(dtype))
     assert torch.isnan(out[6]).all()
     torch.library.opcheck(ops.margin_column_chain.default, (h, w, raw, out))
+    scaled_out = torch.empty_like(w)
+    ops.margin_column_chain(h, w, raw, scaled_out, True)
+    divided = (h - coef[:, None] * wf) / raw.clamp_min(1e-12)[:, None]
+    torch.testing.assert_close(scaled_out, divided.to(dtype), equal_nan=True)
+    torch.library.opcheck(ops.margin_column_chain.default, (h, w, raw, scaled_out, True))
     if dtype == math_dtype:
         in_place = h.clone()
         ops.margin_column_chain(in_place, w, raw, None)

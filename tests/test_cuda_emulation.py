@@ -403,9 +403,11 @@ def test_margin_transform_kernel_matches_cpu_twin(dtype):
 @requires_extension
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("dim", [5, 300])
-def test_column_chain_kernel_matches_cpu_twin(dtype, dim):
+@pytest.mark.parametrize("h_scaled", [False, True], ids=["h", "h-scaled"])
+def test_column_chain_kernel_matches_cpu_twin(dtype, dim, h_scaled):
     """Rows of 5 and of 300 elements (more than the block's 256 threads), row strides wider
-    than the row, a zero row (coefficient 0); in place over h for fp32/fp64."""
+    than the row, a zero row (coefficient 0); in place over h for fp32/fp64; with h_scaled the
+    rows divided by max(||W_j||, eps)."""
     g = torch.Generator().manual_seed(8)
     md = torch.float64 if dtype == torch.float64 else torch.float32
     rows = 6
@@ -419,9 +421,11 @@ def test_column_chain_kernel_matches_cpu_twin(dtype, dim):
     for ops in (EmulatedOps(), _twin()):
         h_run = h.clone()
         out = None if in_place else torch.full((rows, dim), math.nan, dtype=dtype)
-        ops.margin_column_chain(h_run, w, raw, out)
+        ops.margin_column_chain(h_run, w, raw, out, h_scaled)
         outs.append(h_run if in_place else out)
     _close("dW rows", outs[0], outs[1], TWIN_RTOL[dtype])
+    if h_scaled:
+        assert outs[0][2].double().abs().max() > 1e11  # the zero row divided by eps
 
 
 def test_storage_ids_match_epilogue_header():

@@ -127,6 +127,7 @@ MK_EXPORT int64_t mk_emu_column_chain_args_layout(int64_t* out, int64_t capacity
       MK_OFFSET(ColumnChainArgs, raw_norm),
       MK_OFFSET(ColumnChainArgs, out),
       MK_OFFSET(ColumnChainArgs, out_stride),
+      MK_OFFSET(ColumnChainArgs, h_scaled),
   };
   const int64_t n = static_cast<int64_t>(sizeof(layout) / sizeof(layout[0]));
   for (int64_t i = 0; i < n && i < capacity; ++i) out[i] = layout[i];

@@ -19,8 +19,8 @@ rows, so each GEMM is (B x D) by (D x S_c) and W is read once per pass:
   1/eps = 1e12 on a zero weight or feature row, past fp16's range), with ``r_i = max(||x_i||,
   eps)`` in the scaled and squared families (whose dL/dz carries 1/||x_i||), else 1;
   ``dX += u Ŵ_c`` with ``Ŵ_j = W_j / max(||W_j||, eps)`` (0 on a zero row), dX divided by r_i
-  after the last chunk, and ``H_c = u^T (x / r)`` divided row by row by ``max(||W_j||, eps)``,
-  in fp32: the same quantities as above (kinds with raw W_j: ``u = dL/dz``).
+  after the last chunk, and ``H_c = u^T (x / r)`` divided row by row by ``max(||W_j||, eps)``
+  in the chain pass, in fp32: the same quantities as above (kinds with raw W_j: ``u = dL/dz``).
 
 The epilogues run on a (B, class_splits) grid: rows are split into class segments when B alone
 would not give several blocks per SM, and the split partials are merged in a fixed order, so the
@@ -424,8 +424,8 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             if not separate:
                 d_z, d_h = logits, gram
             del logits, gram
-            # u carries max(||W_j||, eps): the dX GEMMs read W_c normalised, and H_c's rows are
-            # divided by it below
+            # u carries max(||W_j||, eps): the dX GEMMs read W_c normalised, and the chain pass
+            # divides H_c's rows by it
             w_dx = _normalized_rows(w_op, col_norm) if unscale_cols else w_op
             _accumulate(grad_x, chunks, d_z, w_dx)
             if weighted:
@@ -437,8 +437,6 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             h_c = _mm_into(h_c, chunks, d_z.T, x_dw)
             if weighted:
                 h_c += chunks.mm(d_h.T, w_y_mm)
-            if unscale_cols:
-                h_c.div_(col_norm[:, None])
             del d_z, d_h
             # the rows of dW_c, in W's dtype: dW's own rows, or (Partial FC) rows to scatter
             if in_place_dw or (class_ids is not None and h_c.dtype == weight.dtype):
@@ -449,9 +447,10 @@ class _ChunkedMarginLSE(torch.autograd.Function):
                 rows = torch.empty_like(w_c)
             if normalizes_weight:
                 # dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2 (0 where the eps clamp holds ||W_j||),
-                # one pass over H_c and W_c that writes the rows
+                # one pass over H_c and W_c that writes the rows (and divides them by
+                # max(||W_j||, eps) where u carried it)
                 torch.ops.margin_kernels.margin_column_chain(
-                    h_c, w_c, raw, None if rows is h_c else rows
+                    h_c, w_c, raw, None if rows is h_c else rows, unscale_cols
                 )
             elif rows is not h_c:
                 rows.copy_(h_c)

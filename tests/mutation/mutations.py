@@ -470,7 +470,12 @@ MUTATIONS = [
     Mutation(
         "cuda_16bit_dw_rows_not_unscaled",
         CUDA,
-        (("            if unscale_cols:\n                h_c.div_(col_norm[:, None])\n", ""),),
+        (
+            (
+                "h_c, w_c, raw, None if rows is h_c else rows, unscale_cols",
+                "h_c, w_c, raw, None if rows is h_c else rows, False",
+            ),
+        ),
         "CUDA backend, 16-bit GPU flow: H_c = u^T x not divided by max(||W_j||, eps) (dW rows "
         "scaled by the column norm)",
         (T_EMULATION,),
@@ -490,6 +495,13 @@ MUTATIONS = [
         (("        if unscale_rows:\n            grad_x /= xn\n", ""),),
         "CUDA backend, 16-bit GPU flow: dX's rows not divided by max(||x_i||, eps) in the scaled "
         "and squared families",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_column_chain_ignores_h_scaled",
+        CUDA_KERNELS,
+        (("column_chain_scale(a.h_scaled, raw)", "column_chain_scale(false, raw)"),),
+        "CUDA column_chain_kernel: a scaled H_j not divided by max(||W_j||, eps)",
         (T_EMULATION,),
     ),
 ]
