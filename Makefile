@@ -103,8 +103,17 @@ clean:
 	rm -rf build dist *.egg-info margin_kernels/*.so margin_kernels/_build_info.py $(VENV) $(OLDEST_VENV)
 
 # Mutation check (not part of `make test`; tens of minutes): plausible bugs applied one at a
-# time to a temporary copy of the tree, tests/mutation/REPORT.md says which survive.
+# time to a temporary copy of the tree, tests/mutation/REPORT.md says which survive. Mutations
+# of the CUDA kernels (csrc/epilogue_kernels.cuh) are run by their emulated build, which the
+# copy rebuilds from its mutated csrc/ (g++, ~10 s per mutation).
 # e.g. make mutation MUTATION_ARGS="--suites old,new --only scores_not_normalised"
 .PHONY: mutation
 mutation: install
 	$(PY) tests/mutation/run.py $(MUTATION_ARGS)
+
+# Line coverage of the CUDA kernels' source (not part of `make test`; ~1-2 min): the emulated
+# kernels (csrc/exec.h) built with gcov instrumentation, tests/test_cuda_emulation.py run, and
+# `csrc kernel lines executed: X/Y (Z%)` printed; docs/coverage.md is rewritten with the report.
+.PHONY: coverage
+coverage: install
+	TRITON_INTERPRET=1 $(PY) tests/emulation_coverage.py --markdown docs/coverage.md

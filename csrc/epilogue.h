@@ -63,7 +63,8 @@ struct EpilogueArgs {
 };
 
 // Column-norm chain term of one chunk of dW rows (see margin_ops.cpp): out_j = H_j -
-// [||W_j|| >= eps] (W_j . H_j) / max(||W_j||, eps)^2 W_j. H in the math type (fp32/fp64), W and
+// [||W_j|| >= eps] (W_j . H_j) / max(||W_j||, eps)^2 W_j, divided by max(||W_j||, eps) when
+// h_scaled. H in the math type (fp32/fp64), W and
 // out in the storage type; rows of `dim` unit-stride elements, row strides in elements. out may
 // be H itself (fp32/fp64 storage): each element is read and then written by the same thread.
 struct ColumnChainArgs {
@@ -77,6 +78,7 @@ struct ColumnChainArgs {
   const void* raw_norm;  // (rows,) ||W_j||, math type
   void* out;
   int64_t out_stride;
+  bool h_scaled;  // h holds max(||W_j||, eps) H_j: out_j is divided by max(||W_j||, eps)
 };
 
 // CUDA launchers (margin_epilogue.cu); stream is a cudaStream_t.

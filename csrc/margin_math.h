@@ -342,6 +342,13 @@ MK_HD T margin_transform_one(const MarginParams<T>& p, bool target, T c, T x_nor
 // g = h / (||W_y|| ||W_j||) with the raw dot h = W_y . W_j. Returned: dL/dz (what the backward
 // epilogue writes over the logits), dL/d||x|| with z held (summed over the row), dL/dc_y
 // (summed over the row) and dL/dh (written over the W-Softmax gram buffer).
+// Families whose dL/dz carries 1/||x|| (the logit a function of the cosine alone): the backward
+// writes their 16-bit dL/dz times max(||x||, eps), bounded on a zero feature row.
+template <int F>
+MK_HD constexpr bool dz_has_inv_x_norm() {
+  return F == kScaled || F == kSquared;
+}
+
 template <typename T>
 struct NontargetGrad {
   T d_z;
@@ -459,6 +466,14 @@ template <typename T>
 MK_HD T column_chain_coef(T dot, T raw_norm) {
   if (!(raw_norm >= T(kNormEps))) return raw_norm != raw_norm ? raw_norm : T(0);
   return dot / (raw_norm * raw_norm);
+}
+
+// Factor of a chain row whose H_j came scaled by max(||W_j||, eps) (the 16-bit dL/dz of the
+// backward): 1 / max(||W_j||, eps); 1 for an unscaled H_j. A NaN norm gives NaN.
+template <typename T>
+MK_HD T column_chain_scale(bool h_scaled, T raw_norm) {
+  if (!h_scaled) return T(1);
+  return T(1) / (raw_norm < T(kNormEps) ? T(kNormEps) : raw_norm);
 }
 
 }  // namespace margin_kernels

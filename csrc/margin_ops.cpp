@@ -255,13 +255,17 @@ void lse_backward_cpu(const EpilogueArgs& a) {
           M d_c;
           prob_grad = grad_lse * std::exp(nontarget_logit<F>(p, c, xn, wn, c_y, g, &d_c) - neg_lse);
         }
-        const NontargetGrad<M> ng =
-            nontarget_backward<F>(p, prob_grad, c, xn, inv_xn, inv_wn, c_y, g, inv_wyn);
-        if (a.grad_logits == nullptr) {
+        // the separate 16-bit buffers take dL/dz (dL/dh) times max(||W_j||, eps), and times
+        // max(||x_i||, eps) where dL/dz carries 1/||x_i|| (see the op)
+        const bool separate = a.grad_logits != nullptr;
+        const NontargetGrad<M> ng = nontarget_backward<F>(p, prob_grad, c, xn, inv_xn,
+                                                          separate ? M(1) : inv_wn, c_y, g, inv_wyn);
+        if (!separate) {
           logits[idx] = static_cast<S>(ng.d_z);
           if (F == kWeighted) gram[idx] = static_cast<S>(ng.d_h);
         } else {
-          store_as(a.grad_logits, a.grad_storage, idx, ng.d_z);
+          store_as(a.grad_logits, a.grad_storage, idx,
+                   dz_has_inv_x_norm<F>() ? ng.d_z * xn : ng.d_z);
           if (F == kWeighted) store_as(a.grad_gram, a.grad_storage, idx, ng.d_h);
         }
         d_xn += ng.d_xn;
@@ -537,7 +541,7 @@ void check_column_chain(const Tensor& h, const Tensor& w, const Tensor& raw_norm
 
 // The argument block of a checked call (data pointers: not for fake tensors).
 ColumnChainArgs column_chain_args(const Tensor& h, const Tensor& w, const Tensor& raw_norm,
-                                  const OptTensor& out) {
+                                  const OptTensor& out, bool h_scaled) {
   check_column_chain(h, w, raw_norm, out);
   const Tensor& target = out.has_value() ? *out : h;
   const Storage storage = storage_of(w);
@@ -552,6 +556,7 @@ ColumnChainArgs column_chain_args(const Tensor& h, const Tensor& w, const Tensor
   a.raw_norm = raw_norm.data_ptr();
   a.out = target.data_ptr();
   a.out_stride = target.size(0) > 1 ? target.stride(0) : a.dim;
+  a.h_scaled = h_scaled;
   return a;
 }
 
@@ -566,22 +571,24 @@ void column_chain_cpu(const ColumnChainArgs& a) {
       S* out = static_cast<S*>(a.out) + row * a.out_stride;
       M dot = M(0);
       for (int64_t d = 0; d < a.dim; ++d) dot += h[d] * static_cast<M>(w[d]);
-      const M coef = column_chain_coef(dot, static_cast<const M*>(a.raw_norm)[row]);
+      const M raw = static_cast<const M*>(a.raw_norm)[row];
+      const M coef = column_chain_coef(dot, raw);
+      const M scale = column_chain_scale(a.h_scaled, raw);
       for (int64_t d = 0; d < a.dim; ++d)
-        out[d] = static_cast<S>(h[d] - coef * static_cast<M>(w[d]));
+        out[d] = static_cast<S>((h[d] - coef * static_cast<M>(w[d])) * scale);
     }
   });
 }
 
 void margin_column_chain_cpu(const Tensor& h, const Tensor& w, const Tensor& raw_norm,
-                             const OptTensor& out) {
-  const ColumnChainArgs a = column_chain_args(h, w, raw_norm, out);
+                             const OptTensor& out, bool h_scaled) {
+  const ColumnChainArgs a = column_chain_args(h, w, raw_norm, out, h_scaled);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "margin_column_chain",
                                   [&] { column_chain_cpu<scalar_t>(a); });
 }
 
 void margin_column_chain_meta(const Tensor& h, const Tensor& w, const Tensor& raw_norm,
-                              const OptTensor& out) {
+                              const OptTensor& out, bool /*h_scaled*/) {
   check_column_chain(h, w, raw_norm, out);
 }
 
@@ -657,8 +664,8 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_bwd_cuda(
 }
 
 void margin_column_chain_cuda(const Tensor& h, const Tensor& w, const Tensor& raw_norm,
-                              const OptTensor& out) {
-  const ColumnChainArgs a = column_chain_args(h, w, raw_norm, out);
+                              const OptTensor& out, bool h_scaled) {
+  const ColumnChainArgs a = column_chain_args(h, w, raw_norm, out, h_scaled);
   const c10::cuda::CUDAGuard guard(w.device());
   launch_column_chain_cuda(a, current_stream(w));
 }
@@ -702,8 +709,10 @@ TORCH_LIBRARY(margin_kernels, m) {
       "int num_classes, Tensor(a!) running_lse, int class_splits, int kind, float[] params) "
       "-> Tensor");
   // Backward epilogue: overwrites logits with dL/dz (and gram with dL/dh), or, when grad_logits
-  // (grad_gram) are given (fp16/bf16 next to fp32 logits), writes them there and only reads the
-  // logits; returns per row this chunk's dL/d||x|| (raw dots held) and dL/dc_y, plus the
+  // (grad_gram) are given (fp16/bf16 next to fp32 logits), writes there dL/dz (dL/dh) times
+  // max(||W_j||, eps) (kinds with normalised W), and dL/dz also times max(||x_i||, eps) where it
+  // carries 1/||x_i|| (scaled, squared): quantities bounded where dL/dz reaches 1/eps (zero weight
+  // or feature rows); only reads the logits; returns per row this chunk's dL/d||x|| (raw dots held) and dL/dc_y, plus the
   // target's terms and dL/d||W_y|| when with_target (set on exactly one chunk).
   m.def(
       "margin_lse_bwd(Tensor(a!) logits, Tensor(b!)? gram, Tensor x_norm, Tensor col_norm, "
@@ -712,8 +721,11 @@ TORCH_LIBRARY(margin_kernels, m) {
       "int class_splits, bool with_target, Tensor(c!)? grad_logits, Tensor(d!)? grad_gram, "
       "int kind, float[] params) -> (Tensor, Tensor, Tensor)");
   // Column-norm chain term of a chunk of dW rows: out_j (or h_j in place when out is absent) =
-  // h_j - [||W_j|| >= eps] (W_j . h_j) / ||W_j||^2 W_j, written in w's dtype.
-  m.def("margin_column_chain(Tensor(a!) h, Tensor w, Tensor raw_norm, Tensor(b!)? out) -> ()");
+  // h_j - [||W_j|| >= eps] (W_j . h_j) / ||W_j||^2 W_j, written in w's dtype; divided by
+  // max(||W_j||, eps) when h_scaled (h came from the 16-bit dL/dz, which carries that factor).
+  m.def(
+      "margin_column_chain(Tensor(a!) h, Tensor w, Tensor raw_norm, Tensor(b!)? out, "
+      "bool h_scaled=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(margin_kernels, CPU, m) {

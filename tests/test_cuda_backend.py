@@ -31,7 +31,7 @@ from harness import LiveBytes
 
 from margin_kernels import reference
 from margin_kernels.ops import cuda as cuda_backend
-from margin_kernels.spec import MarginSpec
+from margin_kernels.spec import KINDS, MarginSpec
 
 needs_ext = requires_extension
 needs_gpu = requires_cuda_extension
@@ -372,15 +372,24 @@ def test_ops_reject_bad_arguments():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["cosface", "w_softmax"])
+@pytest.mark.parametrize("name", ["cosface", "w_softmax", "lsoftmax_m4"])
 def test_backward_writes_16bit_grad_buffers(name, dtype):
-    """With grad_logits (grad_gram) the backward epilogue writes dL/dz (dL/dh) there, rounded
-    once to the 16-bit dtype, and leaves the fp32 logits unchanged: the same values as the
-    in-place run."""
+    """With grad_logits (grad_gram) the backward epilogue writes there dL/dz (dL/dh) times
+    max(||W_j||, eps) (kinds with raw W_j: dL/dz), and, in the scaled and squared families, dL/dz
+    also times max(||x_i||, eps), rounded to the 16-bit dtype, and leaves the fp32 logits
+    unchanged: the in-place run's values times those norms, to within one rounding. Column 5 is
+    a zero weight row, row 2 a zero feature row (norms held at eps): their dL/dz, up to 1e12
+    times the softmax gradient, is past fp16's range, while the buffer holds finite values."""
     spec = ALL_SPECS[name]
     ops = torch.ops.margin_kernels
     a = _op_args(spec, dtype=torch.float32, cols=19)
     a["col_ids"] = None
+    a["col_norm"][5] = 1e-12
+    a["logits"][:, 5] = 0.0
+    a["x_norm"][2] = 1e-12
+    a["logits"][2] = 0.0
+    if a["gram"] is not None:
+        a["gram"][:, 5] = 0.0
     rows = a["logits"].shape[0]
     grads = (torch.ones(rows), torch.full((rows,), 0.5))
     neg_lse = a["running_lse"].clone()
@@ -398,9 +407,22 @@ def test_backward_writes_16bit_grad_buffers(name, dtype):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     assert torch.equal(a["logits"], logits_before)
-    assert torch.equal(dz, in_place[0].to(dtype))
-    if dh is not None:
-        assert torch.equal(dh, in_place[1].to(dtype))
+    family = KINDS[spec.kind].family
+    scale = a["col_norm"] if spec.normalizes_weight else torch.ones_like(a["col_norm"])
+    dz_scale = scale * a["x_norm"][:, None] if family in ("scaled", "squared") else scale
+    eps = torch.finfo(dtype).eps
+    if spec.kind != "lsoftmax":
+        assert in_place[0][:, 5].abs().max() > 1e6  # past fp16 range (65504)
+    if family == "scaled":
+        assert in_place[0][2].abs().max() > 1e6
+    for buffer, exact, factor in ((dz, in_place[0], dz_scale), (dh, in_place[1], scale)):
+        if buffer is None:
+            continue
+        assert torch.isfinite(buffer[:, 5]).all() and torch.isfinite(buffer[2]).all()
+        # one rounding apart: eps relative, or the subnormal spacing below the smallest normal
+        subnormal = torch.finfo(dtype).smallest_normal * eps
+        rounded = (exact * factor).to(dtype).float()
+        torch.testing.assert_close(buffer.float(), rounded, rtol=eps, atol=subnormal)
     torch.library.opcheck(ops.margin_lse_bwd.default, bwd_args)
     with pytest.raises(ValueError, match="grad_logits"):
         ops.margin_lse_bwd(*head, neg_lse, *grads, 3, True, dz.float(), dh, a["kind"], a["params"])
@@ -760,7 +782,8 @@ def test_gpu_path_for_16bit_inputs_emulated_on_cpu(monkeypatch, name, partial_fc
 def test_column_chain_pass(dtype):
     """margin_column_chain: dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2 in one pass, 0 coefficient
     where the eps clamp holds ||W_j|| (a zero row), written in W's dtype; in place over H for
-    fp32/fp64; a NaN row of W stays NaN."""
+    fp32/fp64; a NaN row of W stays NaN. With h_scaled (H_j came times max(||W_j||, eps)) each
+    row is divided by max(||W_j||, eps): the zero row by 1e-12."""
     ops = torch.ops.margin_kernels
     math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(11)
@@ -779,6 +802,11 @@ def test_column_chain_pass(dtype):
     torch.testing.assert_close(out[4], h[4].to(dtype))
     assert torch.isnan(out[6]).all()
     torch.library.opcheck(ops.margin_column_chain.default, (h, w, raw, out))
+    scaled_out = torch.empty_like(w)
+    ops.margin_column_chain(h, w, raw, scaled_out, True)
+    divided = (h - coef[:, None] * wf) / raw.clamp_min(1e-12)[:, None]
+    torch.testing.assert_close(scaled_out, divided.to(dtype), equal_nan=True)
+    torch.library.opcheck(ops.margin_column_chain.default, (h, w, raw, scaled_out, True))
     if dtype == math_dtype:
         in_place = h.clone()
         ops.margin_column_chain(in_place, w, raw, None)

@@ -9,12 +9,18 @@ rows, so each GEMM is (B x D) by (D x S_c) and W is read once per pass:
   transform of ``csrc/margin_math.h``, the target column masked out, an online log-sum-exp over
   the chunk, merged into each row's running LSE carried across chunks;
 * backward, per chunk: ``z`` recomputed, the backward epilogue (``margin_lse_bwd``) overwrites it
-  with ``dL/dz`` in place (16-bit inputs on CUDA: writes ``dL/dz`` once, in the input dtype,
-  into the buffer the tensor-core GEMMs read); ``dX += dz W_c`` accumulated in fp32 across chunks;
+  with ``dL/dz`` in place; ``dX += dz W_c`` accumulated in fp32 across chunks;
   ``H_c = dz^T x`` and the column-norm chain term of the chunk
   ``dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2`` (a scale-invariant function of W_j has a gradient
   orthogonal to W_j) applied at once by one pass (``margin_column_chain``: a block per row reads
   H_j and W_j and writes dW_j), so ``dW_c`` is written once, in W's dtype.
+  16-bit inputs on CUDA: the epilogue writes ``u_ij = dL/dz_ij max(||W_j||, eps) r_i`` once, in
+  the input dtype, into the buffer the tensor-core GEMMs read (``dL/dz`` itself reaches
+  1/eps = 1e12 on a zero weight or feature row, past fp16's range), with ``r_i = max(||x_i||,
+  eps)`` in the scaled and squared families (whose dL/dz carries 1/||x_i||), else 1;
+  ``dX += u Ŵ_c`` with ``Ŵ_j = W_j / max(||W_j||, eps)`` (0 on a zero row), dX divided by r_i
+  after the last chunk, and ``H_c = u^T (x / r)`` divided row by row by ``max(||W_j||, eps)``
+  in the chain pass, in fp32: the same quantities as above (kinds with raw W_j: ``u = dL/dz``).
 
 The epilogues run on a (B, class_splits) grid: rows are split into class segments when B alone
 would not give several blocks per SM, and the split partials are merged in a fixed order, so the
@@ -34,8 +40,10 @@ gradients, is at most ``ChunkPlan.extra_bytes`` = ``S_c * per_class + per_rows``
   else 1) + for 16-bit inputs ``n B 2`` (dL/dz in the storage dtype for the tensor-core GEMMs,
   CUDA) and ``4 D`` (the chunk's H_c in fp32) (+ ``4 D`` on CPU: the chunk of W in fp32, CPU
   has no fp32-output 16-bit GEMM) + with ``class_ids`` ``2 e D`` (the gathered W_c and H_c,
-  e = itemsize);
-* ``per_rows`` = ``L (10 B D + 24 B + 2 S + 4 B class_splits)`` (norms, ||W_j|| of the S classes
+  e = itemsize); the 16-bit Ŵ_c (``e D`` per class) lives only while the fp32 logits are freed
+  and H_c is not yet allocated, so it stays inside that bound;
+* ``per_rows`` = ``L (10 B D + 24 B + 2 S + 4 B class_splits)`` (+ ``e B D`` for 16-bit inputs
+  on CUDA: the rows x_i / max(||x_i||, eps) of the dW GEMM) (norms, ||W_j|| of the S classes
   kept from the forward, the target rows W_y and
   the fp32 dX accumulators: O(B D + C)).
 
@@ -205,6 +213,9 @@ def chunk_plan(
     splits = max(1, min(wanted, classes // MIN_SEGMENT, MAX_CLASS_SPLITS))
     logit_size = 8 if dtype == torch.float64 else 4
     per_rows = logit_size * (10 * batch * dim + 24 * batch + 2 * num_cols + 4 * batch * splits)
+    if dtype in _HALF and device_type == "cuda":
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_rows += itemsize * batch * dim  # x / max(||x||, eps), the dW GEMM's operand
     return ChunkPlan(
         classes_per_chunk=classes,
         num_chunks=num_chunks,
@@ -364,6 +375,14 @@ class _ChunkedMarginLSE(torch.autograd.Function):
         new_grad = torch.empty if class_ids is None else torch.zeros
         grad_weight = new_grad(weight.shape, dtype=weight.dtype, device=weight.device)
         in_place_dw = class_ids is None and weight.dtype == compute
+        # separate 16-bit dL/dz buffers (fp32-output GEMMs of 16-bit operands): they hold
+        # u = dL/dz max(||W_j||, eps) (dL/dh likewise) where the kind normalises W, and also
+        # times max(||x_i||, eps) where dL/dz carries 1/||x_i|| (see the module docstring)
+        separate = chunks.x_mm.dtype != compute
+        unscale_cols = separate and normalizes_weight
+        unscale_rows = separate and _KIND_INFO[kind].family in ("scaled", "squared")
+        # the dW GEMM's x operand: x / max(||x_i||, eps) where u carries the row factor
+        x_dw = _normalized_rows(x, x_norm) if unscale_rows else chunks.x_mm
         for start in chunks.starts:
             w_c, ids = chunks.columns(start)
             w_op = chunks.operand(w_c)
@@ -373,7 +392,6 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             gram = chunks.mm(w_y_mm, w_op.T) if weighted else None
             # dL/dz (dL/dh): in place over the fp32 logits (gram), or, for 16-bit GEMM operands
             # (CUDA), written by the epilogue straight into buffers in the storage dtype
-            separate = w_op.dtype != logits.dtype
             d_z = torch.empty(logits.shape, dtype=w_op.dtype, device=x.device) if separate else None
             d_h = None
             if separate and weighted:
@@ -406,13 +424,17 @@ class _ChunkedMarginLSE(torch.autograd.Function):
             if not separate:
                 d_z, d_h = logits, gram
             del logits, gram
-            _accumulate(grad_x, chunks, d_z, w_op)
+            # u carries max(||W_j||, eps): the dX GEMMs read W_c normalised, and the chain pass
+            # divides H_c's rows by it
+            w_dx = _normalized_rows(w_op, col_norm) if unscale_cols else w_op
+            _accumulate(grad_x, chunks, d_z, w_dx)
             if weighted:
-                _accumulate(grad_wy_gram, chunks, d_h, w_op)
+                _accumulate(grad_wy_gram, chunks, d_h, w_dx)
+            del w_dx
             # H_c = dz^T x (+ dh^T W_y): in place in dW's rows when dtypes allow, else fp32
             stop = start + w_c.shape[0]
             h_c = grad_weight[start:stop] if in_place_dw else None
-            h_c = _mm_into(h_c, chunks, d_z.T, chunks.x_mm)
+            h_c = _mm_into(h_c, chunks, d_z.T, x_dw)
             if weighted:
                 h_c += chunks.mm(d_h.T, w_y_mm)
             del d_z, d_h
@@ -425,16 +447,20 @@ class _ChunkedMarginLSE(torch.autograd.Function):
                 rows = torch.empty_like(w_c)
             if normalizes_weight:
                 # dW_j = H_j - (W_j . H_j) W_j / ||W_j||^2 (0 where the eps clamp holds ||W_j||),
-                # one pass over H_c and W_c that writes the rows
+                # one pass over H_c and W_c that writes the rows (and divides them by
+                # max(||W_j||, eps) where u carried it)
                 torch.ops.margin_kernels.margin_column_chain(
-                    h_c, w_c, raw, None if rows is h_c else rows
+                    h_c, w_c, raw, None if rows is h_c else rows, unscale_cols
                 )
             elif rows is not h_c:
                 rows.copy_(h_c)
             if class_ids is not None:
                 _accumulate_rows(grad_weight, ids, rows, deterministic)
             del h_c, rows
+        del x_dw
         xn, wyn, cy = x_norm[:, None], wy_norm[:, None], c_y[:, None]
+        if unscale_rows:
+            grad_x /= xn
         xf, wyf = x.to(compute), w_y.to(compute)
         # dX_i = dz_i W + dL/d||x|| x_hat + dL/dc_y (W_y / (||x|| ||W_y||) - c_y x_hat / ||x||)
         grad_x += d_xnorm[:, None] * x_dir
@@ -457,6 +483,13 @@ def _accumulate(out: torch.Tensor, chunks: _Chunks, a: torch.Tensor, b: torch.Te
         out.addmm_(a, b)
     else:
         out += chunks.mm(a, b)
+
+
+def _normalized_rows(w: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """w_j / norm_j in w's dtype (the quotient taken in norm's dtype: the clamped 1e-12 of a zero
+    row is not representable in fp16), without a temporary of w's shape in norm's dtype."""
+    out = torch.empty_like(w)
+    return torch.div(w, norm[:, None], out=out)
 
 
 def _mm_into(out: torch.Tensor | None, chunks: _Chunks, a: torch.Tensor, b: torch.Tensor):

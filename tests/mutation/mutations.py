@@ -4,9 +4,12 @@ Each entry: an id, the file, one or more exact ``(original, replacement)`` snipp
 is, and the test files to run against it (a subset, to keep a run practical; new-test files are
 listed first so that a kill is found fast). An original that is not found exactly once is
 reported STALE, not run: the Triton and CUDA backends change, so refresh a snippet by copying
-the current line(s) into ``original``. Mutations of csrc/ would need a rebuild of the extension
-per mutation (~90 s each) and are not in the list; the CUDA backend's Python side is (its
-column-norm chain term of dW is dropped by skipping the ``margin_column_chain`` pass).
+the current line(s) into ``original``. Mutations of the CUDA kernels (``csrc/epilogue_kernels.cuh``)
+are killed or not by the emulated kernels (tests/test_cuda_emulation.py), which the mutated copy
+rebuilds from its own csrc/ (~10 s); the extension ``_C`` is not rebuilt (~90 s), so mutations of
+``margin_ops.cpp`` (the CPU twin, the oracle of those tests) are not in the list. The CUDA
+backend's Python side is (its column-norm chain term of dW is dropped by skipping the
+``margin_column_chain`` pass).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ TRITON_BWD = "margin_kernels/ops/triton/backward.py"
 TRITON_OPS = "margin_kernels/ops/triton/ops.py"
 CUDA = "margin_kernels/ops/cuda.py"
 REFERENCE = "margin_kernels/reference.py"
+CUDA_KERNELS = "csrc/epilogue_kernels.cuh"
 
 T_TRITON = "tests/test_triton_backend.py"
 T_TRITON_DEFECTS = "tests/test_triton_defects.py"
@@ -32,6 +36,7 @@ T_SWEEP = "tests/test_elementwise_sweep.py"
 T_DEGENERATE = "tests/test_degenerate_rows.py"
 T_SHARD = "tests/test_shard_targets.py"
 T_VALUES = "tests/test_values.py"
+T_EMULATION = "tests/test_cuda_emulation.py"
 
 
 @dataclass(frozen=True)
@@ -358,5 +363,214 @@ MUTATIONS = [
         "Triton combined margin, fp64: the arccos left at the fp32 polynomial's accuracy "
         "(~1e-7 in the angle, ~1e-10 in dX/dW)",
         ("tests/test_fp64_exact.py",),
+    ),
+    # --- the CUDA kernels' own source, run by the emulated kernels ---------------------------
+    Mutation(
+        "cuda_warp_sum_from_offset_8",
+        CUDA_KERNELS,
+        (
+            (
+                "for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);",
+                "for (int off = 8; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);",
+            ),
+        ),
+        "CUDA warp_sum: the butterfly starts at offset 8 (lanes 16-31 never reach lane 0: "
+        "block_sum of the backward and the column chain drop half of each warp)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_block_lse_from_offset_8",
+        CUDA_KERNELS,
+        (
+            (
+                "  for (int off = 16; off > 0; off >>= 1) {\n"
+                "    LseState<M> other{__shfl_xor_sync(0xffffffffu, st.max, off),",
+                "  for (int off = 8; off > 0; off >>= 1) {\n"
+                "    LseState<M> other{__shfl_xor_sync(0xffffffffu, st.max, off),",
+            ),
+        ),
+        "CUDA block_lse: the warp stage of the LSE shuffle starts at offset 8",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_block_lse_sum_from_wrong_lane",
+        CUDA_KERNELS,
+        (
+            (
+                "                      __shfl_xor_sync(0xffffffffu, st.sum, off)};",
+                "                      __shfl_xor_sync(0xffffffffu, st.sum, off >> 1)};",
+            ),
+        ),
+        "CUDA block_lse: the partner's sum read with the wrong xor offset (max and sum of "
+        "different lanes merged)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_visit_row_no_scalar_tail",
+        CUDA_KERNELS,
+        (
+            (
+                "  for (int64_t j = head + num_packs * kVec + threadIdx.x; j < n; j += blockDim.x) "
+                "scalar(j);\n",
+                "",
+            ),
+        ),
+        "CUDA visit_row: the scalar tail after the last whole 16-byte pack dropped",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_visit_row_pack_stride",
+        CUDA_KERNELS,
+        (
+            (
+                "for (int64_t v = threadIdx.x; v < num_packs; v += blockDim.x) {",
+                "for (int64_t v = threadIdx.x; v < num_packs; v += 2 * blockDim.x) {",
+            ),
+        ),
+        "CUDA visit_row: the block strides over the packs twice as far (every other round of "
+        "packs skipped on rows of more than 256 packs)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_merge_drops_last_split",
+        CUDA_KERNELS,
+        (
+            (
+                "static_cast<const M*>(a.partial_b) + row * splits, splits);\n"
+                "  const RowInputs<M> r",
+                "static_cast<const M*>(a.partial_b) + row * splits, splits - 1);\n"
+                "  const RowInputs<M> r",
+            ),
+        ),
+        "CUDA finish_forward_row: the merge of the split partials stops before the last split",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_merge_ignores_running_lse",
+        CUDA_KERNELS,
+        (
+            (
+                "running[row] = merge_running_lse(running[row],",
+                "running[row] = merge_running_lse(M(-INFINITY),",
+            ),
+        ),
+        "CUDA finish_forward_row: the chunk's LSE replaces the running LSE of the previous "
+        "chunks instead of merging into it",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_backward_merge_wrong_partials",
+        CUDA_KERNELS,
+        (
+            (
+                "const M d_cy = sum_partials(static_cast<const M*>(a.partial_b)",
+                "const M d_cy = sum_partials(static_cast<const M*>(a.partial_a)",
+            ),
+        ),
+        "CUDA finish_backward_row: dL/dc_y summed from the dL/d||x|| partials",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_segment_floor_length",
+        CUDA_KERNELS,
+        (
+            (
+                "const int64_t seg = segment_length(a.num_cols, a.class_splits);",
+                "const int64_t seg = a.num_cols / a.class_splits;",
+            ),
+        ),
+        "CUDA block_segment: the segment length rounded down (the last S mod class_splits "
+        "columns of each row in no segment)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_column_chain_dot_off_by_one",
+        CUDA_KERNELS,
+        (
+            (
+                "for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) dot += ",
+                "for (int64_t d = threadIdx.x; d < a.dim - 1; d += blockDim.x) dot += ",
+            ),
+        ),
+        "CUDA column_chain_kernel: the dot W_j . H_j stops one element short",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_bf16_grad_written_as_half",
+        CUDA_KERNELS,
+        (
+            (
+                "a.grad_storage == Storage::kBFloat16",
+                "a.grad_storage == Storage::kFloat16",
+            ),
+        ),
+        "CUDA backward launcher: a bf16 dL/dz buffer written with the fp16 kernel",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_block_sum_missing_barrier",
+        CUDA_KERNELS,
+        (("  v = warp_sum(v);\n  __syncthreads();\n", "  v = warp_sum(v);\n"),),
+        "CUDA block_sum: the barrier before the shared scratch is written dropped (a second "
+        "block_sum, W-Softmax's dL/dc_y, overwrites partials the first still reads)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_16bit_dz_without_column_norm",
+        CUDA_KERNELS,
+        (("kInPlace ? inv_w_norm : M(1)", "inv_w_norm"),),
+        "CUDA backward epilogue: the 16-bit dL/dz buffer takes dL/dz itself, not dL/dz times "
+        "max(||W_j||, eps) (a zero weight row overflows fp16; every other column is off by "
+        "||W_j|| against the host's unscaling)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_16bit_dx_operand_not_normalised",
+        CUDA,
+        (
+            (
+                "w_dx = _normalized_rows(w_op, col_norm) if unscale_cols else w_op",
+                "w_dx = w_op",
+            ),
+        ),
+        "CUDA backend, 16-bit GPU flow: the dX GEMMs read W_c instead of W_c / max(||W_j||, eps)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_16bit_dw_rows_not_unscaled",
+        CUDA,
+        (
+            (
+                "h_c, w_c, raw, None if rows is h_c else rows, unscale_cols",
+                "h_c, w_c, raw, None if rows is h_c else rows, False",
+            ),
+        ),
+        "CUDA backend, 16-bit GPU flow: H_c = u^T x not divided by max(||W_j||, eps) (dW rows "
+        "scaled by the column norm)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_16bit_dz_without_row_norm",
+        CUDA_KERNELS,
+        (("!kInPlace && dz_has_inv_x_norm<F>() ? r.x_norm : M(1)", "M(1)"),),
+        "CUDA backward epilogue: the 16-bit dL/dz buffer of the scaled and squared families not "
+        "multiplied by max(||x_i||, eps) (a zero feature row overflows fp16; every other row is "
+        "off by ||x_i|| against the host's unscaling)",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_16bit_dx_rows_not_unscaled",
+        CUDA,
+        (("        if unscale_rows:\n            grad_x /= xn\n", ""),),
+        "CUDA backend, 16-bit GPU flow: dX's rows not divided by max(||x_i||, eps) in the scaled "
+        "and squared families",
+        (T_EMULATION,),
+    ),
+    Mutation(
+        "cuda_column_chain_ignores_h_scaled",
+        CUDA_KERNELS,
+        (("column_chain_scale(a.h_scaled, raw)", "column_chain_scale(false, raw)"),),
+        "CUDA column_chain_kernel: a scaled H_j not divided by max(||W_j||, eps)",
+        (T_EMULATION,),
     ),
 ]

@@ -14,6 +14,10 @@ tests of features another branch adds) are deselected in the mutation runs and l
 report, so they cannot count as kills; files that fail to import (an old suite's tests of a
 module that has moved) are left out of the mutation runs and listed.
 
+Mutations of the CUDA kernels' source (``csrc/epilogue_kernels.cuh``) need no extension
+rebuild: the copy leaves out the ignored ``build/``, so tests/test_cuda_emulation.py compiles the
+emulated kernels from the copy's mutated csrc/ (g++, seconds) the first time it runs there.
+
 Per-mutation subsets of test files keep a run practical (the whole suite takes ~5 min on two
 cores, and survivors run their whole subset): each mutation lists the files that exercise the
 code it changes. A snippet not found exactly once is reported STALE and not run.
