@@ -1414,8 +1414,10 @@ def new_cuda_costs(shape: Shape, machine: Machine, backward: bool) -> list[Kerne
     16-bit input dtype (the GEMM operand: no fp32 dz, no cast pass), dX += dz W_c (fp32-output
     GEMM + add into the fp32 accumulator), H_c = dz^T x (fp32 out), then one
     ``margin_column_chain`` pass reads H_c and W_c and writes dW_c once in W's dtype with the
-    column-norm term. Partial-FC gathers W_c in both passes, zero-fills dW and scatters the
-    chunk's rows."""
+    column-norm term. 16-bit inputs of a kind that normalises W: the 16-bit dz holds
+    dL/dz max(||W_j||, eps) (bounded where ||W_j|| < eps), so the dX GEMM reads W_c normalised,
+    one more torch pass over W_c (read and write in the input dtype). Partial-FC gathers W_c in
+    both passes, zero-fills dW and scatters the chunk's rows."""
     B, S, C, D = shape.batch, shape.sampled, shape.num_classes, shape.dim
     isz, acc = shape.itemsize, shape.acc_size
     plan, _ = new_cuda_plan(shape)
@@ -1478,7 +1480,7 @@ def new_cuda_costs(shape: Shape, machine: Machine, backward: bool) -> list[Kerne
             )
         )
     )  # fmt: skip
-    dz_name = "margin_lse_bwd (dz in the input dtype)" if half else "margin_lse_bwd (dz in place)"
+    dz_name = "margin_lse_bwd (dz u in the input dtype)" if half else "margin_lse_bwd (dz in place)"
     costs.append(
         per_chunk(
             lambda n: _epilogue(
@@ -1487,6 +1489,11 @@ def new_cuda_costs(shape: Shape, machine: Machine, backward: bool) -> list[Kerne
             )
         )
     )  # fmt: skip
+    from margin_kernels.spec import KINDS
+
+    if half and KINDS[shape.kind].normalizes_weight:
+        # the dX GEMM's operand W_c / max(||W_j||, eps), written in the input dtype
+        costs.append(w_pass("backward", "W_c / max(||W_j||, eps) (dX operand)", 2 * isz, 1, 1.0))
     costs.append(
         per_chunk(
             lambda n: gemm_cost(

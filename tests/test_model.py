@@ -166,12 +166,15 @@ def test_new_cuda_reads_each_chunk_of_w_once_per_gemm(model):
 
 
 def test_new_cuda_costs_the_merged_backward(model):
-    """W's norms once (forward), dz written once in bf16 by the epilogue (no cast pass), one
-    fused column-norm pass that writes dW once: W is streamed by exactly two non-GEMM passes."""
+    """W's norms once (forward), dz written once in bf16 by the epilogue (no cast pass), W_c
+    normalised once for the dX GEMM (the 16-bit dz carries max(||W_j||, eps)), one fused
+    column-norm pass that writes dW once: W is streamed by exactly three non-GEMM passes."""
     shape = model.SHAPES[0]
     costs = model.new_cuda_costs(shape, model.MACHINES["h200"], backward=True)
     B, S, D = shape.batch, shape.sampled, shape.dim
-    assert sum(c.w_passes for c in costs if c.role != "gemm") == pytest.approx(2.0)
+    assert sum(c.w_passes for c in costs if c.role != "gemm") == pytest.approx(3.0)
+    normalise = next(c for c in costs if "dX operand" in c.kernel)
+    assert normalise.hbm_bytes == pytest.approx(S * D * (2 + 2))  # read W_c, write W_c / norm
     assert sum(c.dw_passes for c in costs) == pytest.approx(1.0)
     assert not [c for c in costs if "cast dz" in c.kernel]
     bwd = next(c for c in costs if c.role == "epilogue_bwd")
