@@ -549,6 +549,24 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def profile_point(point: Point, rows: int = 12) -> str:
+    """torch.profiler's table (self CPU time) of one step after a warm-up, in this process."""
+    import torch
+
+    torch.set_num_threads(point.threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(point.batch, point.dim, generator=gen).requires_grad_()
+    weight = (torch.randn(point.num_classes, point.dim, generator=gen) * 0.05).requires_grad_()
+    target = torch.randint(0, point.num_classes, (point.batch,), generator=gen)
+    loss_fn, leaves, _ = build_loss(point.provider, x, weight, target)
+    loss_fn().backward()
+    for leaf in leaves:
+        leaf.grad = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss_fn().backward()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -561,6 +579,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--point", help=argparse.SUPPRESS)  # internal: one point, JSON
     p.add_argument("--smoke", action="store_true", help="tiny shapes, written to out/bench/")
     p.add_argument("--plot", type=Path, help="CSV to draw (PNG beside it) and tabulate")
+    p.add_argument(
+        "--profile", action="store_true", help="torch.profiler table of each provider's step"
+    )
     p.add_argument("--machine", default=platform.node() or "unknown", help="CSV file name tag")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None)
@@ -597,6 +618,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = _values(args.batch, int) if args.batch else list(sweep["batch"])
     dim = args.dim or (SMOKE_SWEEP["dim"] if args.smoke else 512)
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    if args.profile:
+        for point in sweep_points(
+            args.providers,
+            batches,
+            classes,
+            dim=dim,
+            dtype=dtype,
+            device=args.device,
+            threads=args.threads,
+            reps=1,
+        ):
+            if not_run_reason(point.provider, point.device) is None:
+                print(f"## {point.provider} B={point.batch} C={point.num_classes}")
+                print(profile_point(point))
+        return 0
     if args.device == "cpu" and (reason := linux_memory_available()):
         sys.exit(f"cannot measure CPU memory here: {reason}")
     if args.smoke:

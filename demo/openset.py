@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import statistics
 import time
@@ -54,6 +55,8 @@ UNSEEN_CLASSES = (6, 7, 8, 9)
 VERIFICATION_PAIRS = 6000  # LFW's View 2: 10 folds of 300 genuine + 300 impostor pairs
 FOLDS = 10
 FAR_LEVELS = (1e-2, 1e-3)
+ROC_GRID = torch.logspace(-4, 0, 200, dtype=torch.float64)  # FARs of the ROC figure
+STATE_FILE = "demo_openset_state.json"  # what --merge needs besides the CSV
 # Training budget per (data set, loss, seed), the same for every loss, sized so that the whole
 # protocol (2 data sets x 11 losses x 3 seeds = 66 trainings) ran in about an hour on a 2-core
 # machine shared with other jobs: Fashion-MNIST 4,000 of the 36,000 seen-class training images,
@@ -293,28 +296,28 @@ def summary_table(rows: list[dict], dataset: str) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def plot_roc(curves: dict[str, dict[str, list]], path: Path) -> None:
-    """One panel per data set: TAR against FAR (log axis), mean over seeds of the TAR at each FAR
-    of a fixed grid, one line per loss."""
+def tar_on_grid(far: torch.Tensor, tar: torch.Tensor) -> list[float]:
+    """TAR at each FAR of ``ROC_GRID``: the best ROC point at or below it (a step ROC)."""
+    at = torch.searchsorted(far, ROC_GRID, right=True) - 1
+    return torch.cummax(tar, 0).values[at.clamp(min=0)].tolist()
+
+
+def plot_roc(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> None:
+    """One panel per data set: TAR against FAR (log axis), the mean over seeds of
+    :func:`tar_on_grid`, one line per loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = torch.logspace(-4, 0, 200, dtype=torch.float64)
     fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 5.2), squeeze=False)
     colours = plt.get_cmap("tab20")
     for ax, (dataset, by_loss) in zip(axes[0], curves.items(), strict=True):
         for k, loss in enumerate(name for name in ALL_LOSSES if name in by_loss):
-            tars = []
-            for far, tar in by_loss[loss]:
-                # TAR at each grid FAR: the best point at or below it (a step ROC)
-                at = torch.searchsorted(far, grid, right=True) - 1
-                tars.append(torch.cummax(tar, 0).values[at.clamp(min=0)])
-            mean = torch.stack(tars).mean(0)
+            mean = torch.tensor(by_loss[loss]).mean(0)
             style = "-" if loss == "softmax" else ("--" if k % 2 else ":")
             width = 2.4 if loss == "softmax" else 1.3
-            ax.plot(grid, mean, style, color=colours(k), lw=width, label=loss)
+            ax.plot(ROC_GRID, mean, style, color=colours(k), lw=width, label=loss)
         ax.set_xscale("log")
         ax.set_xlim(1e-4, 1)
         ax.set_ylim(0, 1)
@@ -367,7 +370,7 @@ def run_openset(
                 model.load_state_dict(saved["model"])
                 features = embed(model.to(device), split.unseen_images.to(device)).cpu()
                 metrics, far, tar = verification_metrics(features, split.unseen_labels, seed)
-                curves[dataset].setdefault(loss, []).append((far, tar))
+                curves[dataset].setdefault(loss, []).append(tar_on_grid(far, tar))
                 row = {
                     "dataset": dataset,
                     "loss": loss,
@@ -386,45 +389,85 @@ def run_openset(
                     f"closed-set {100 * (1 - result.test_error):.2f}%"
                 )
     wall = time.perf_counter() - started
+    descriptions = {}
+    for dataset, (config, split) in protocols.items():
+        train_rows = min(config.train_size or 10**9, int(split.train.train_labels.numel()))
+        unseen = len(split.unseen_labels)
+        descriptions[dataset] = (
+            f"Training: {train_rows} seen-class images (classes {SEEN_CLASSES}), "
+            f"{config.epochs} epochs, batch {config.batch_size}, Adam lr {config.lr} (cosine), "
+            f"weight decay {config.weight_decay}, {config.embedding_dim}-D embedding, CNN width "
+            f"{config.width}; seeds {seeds}. Verification: {unseen} test images of unseen "
+            f"classes {UNSEEN_CLASSES}, {unseen * (unseen - 1) // 2} pairs. Closed-set accuracy: "
+            f"{int(split.train.test_labels.numel())} seen-class test images."
+        )
+    run = (
+        f"`{command}` (device: {device}, {torch.get_num_threads()} thread(s)): wall time "
+        f"{wall / 60:.1f} min for {len(rows)} trainings; training time summed over them "
+        f"{sum(r['train_seconds'] for r in rows) / 60:.1f} min"
+    )
+    state = {"runs": [run], "descriptions": descriptions, "curves": curves}
+    return write_report(rows, state, out)
+
+
+def write_report(rows: list[dict], state: dict, out: Path) -> list[Path]:
+    """``demo_openset.md``, ``.csv``, ``_roc.png`` and the state file under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "demo_openset.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    written = [csv_path]
+    state_path = out / STATE_FILE
+    state_path.write_text(json.dumps(state))
+    written = [csv_path, state_path]
     try:
         roc_path = out / "demo_openset_roc.png"
-        plot_roc(curves, roc_path)
+        plot_roc(state["curves"], roc_path)
         written.append(roc_path)
     except ImportError:
         _log("matplotlib is not installed: skipping the ROC figure")
     sections = [
         "# Open-set verification\n",
-        f"Reproduce with: `{command}` (device: {device}, {torch.get_num_threads()} thread(s)); "
-        f"wall time {wall / 60:.1f} min for {len(rows)} trainings.\n",
+        "Produced by " + "; ".join(state["runs"]) + ". A rerun resumes finished trainings "
+        "from their checkpoints instead of training them again.\n",
         __doc__.split("\n\n", 1)[1].strip() + "\n",
     ]
-    for dataset, (config, split) in protocols.items():
-        train_rows = min(config.train_size or 10**9, int(split.train.train_labels.numel()))
+    for dataset, description in state["descriptions"].items():
         sections.append(
-            f"## {dataset}\n\n"
-            f"Training: {train_rows} seen-class images (classes {SEEN_CLASSES}), "
-            f"{config.epochs} epochs, batch {config.batch_size}, Adam lr {config.lr} (cosine), "
-            f"weight decay {config.weight_decay}, {config.embedding_dim}-D embedding, CNN width "
-            f"{config.width}; seeds {seeds}. Verification: {len(split.unseen_labels)} test images "
-            f"of unseen classes {UNSEEN_CLASSES}, "
-            f"{len(split.unseen_labels) * (len(split.unseen_labels) - 1) // 2} pairs. "
-            f"Closed-set accuracy: {int(split.train.test_labels.numel())} seen-class test "
-            "images. Mean ± std over seeds, in %.\n\n" + summary_table(rows, dataset)
+            f"## {dataset}\n\n{description} Mean ± std over seeds, in %.\n\n"
+            + summary_table(rows, dataset)
         )
     md_path = out / "demo_openset.md"
     md_path.write_text("\n".join(sections))
     return [md_path, *written]
 
 
+def merge_reports(parts: list[Path], out: Path, command: str) -> list[Path]:
+    """One report from the outputs of several runs (e.g. one process per data set run side by
+    side): their CSV rows, figure curves and descriptions, concatenated in order."""
+    rows: list[dict] = []
+    state: dict = {"runs": [], "descriptions": {}, "curves": {}}
+    for part in parts:
+        with (part / "demo_openset.csv").open() as f:
+            rows.extend(csv.DictReader(f))
+        saved = json.loads((part / STATE_FILE).read_text())
+        state["runs"] += saved["runs"]
+        state["descriptions"].update(saved["descriptions"])
+        state["curves"].update(saved["curves"])
+    state["runs"].append(f"merged by `{command}`")
+    return write_report(rows, state, out)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The open-set protocol's flags on ``python -m demo``."""
     parser.add_argument(
         "--seeds", type=int, default=3, help="open-set: seeds SEED .. SEED+N-1 (default 3)"
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="open-set: write one report into --out from these runs' --out directories",
     )

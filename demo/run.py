@@ -809,6 +809,10 @@ def _main_openset(args: argparse.Namespace, device: torch.device, command: str) 
     out = Path(args.out)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
     try:
+        if args.merge:
+            written = openset.merge_reports([Path(p) for p in args.merge], out, command)
+            print("wrote " + ", ".join(str(p) for p in written))
+            return 0
         if args.download and args.data_dir is None:
             for dataset in datasets:
                 if dataset in ("fashion-mnist", "mnist"):
@@ -830,7 +834,7 @@ def _main_openset(args: argparse.Namespace, device: torch.device, command: str) 
                 "width": args.width,
             },
         )
-    except (DataMissingError, ValueError) as err:
+    except (DataMissingError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -178,3 +178,11 @@ def test_open_set_cli_end_to_end(tmp_path):
     assert "--protocol open-set" in text and "wall time" in text
     assert "| softmax | 2 |" in text and "baseline" in text and "±" in text
     assert (out / "demo_openset_roc.png").stat().st_size > 0
+    # --merge rebuilds the report from a run's directory without training
+    merged = tmp_path / "merged"
+    assert demo.main(["--protocol", "open-set", "--merge", str(out), "--out", str(merged)]) == 0
+    assert (merged / "demo_openset.csv").read_text() == (out / "demo_openset.csv").read_text()
+    assert (
+        "merged by `python -m demo --protocol open-set --merge"
+        in (merged / "demo_openset.md").read_text()
+    )
