@@ -567,6 +567,48 @@ def profile_point(point: Point, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def interleaved_cpu_times(points: list[Point], rounds: int) -> dict[str, list[float]]:
+    """CPU seconds of one step of each point's provider, all in this process on the same inputs,
+    the providers taking turns ``rounds`` times, so that a change in the machine's load hits
+    all of them alike; plus ``gemm``: the three bare GEMMs of a linear layer's forward and
+    backward at that shape (x Wᵀ, dZ W, dZᵀ x), the floor of any provider."""
+    import torch
+
+    first = points[0]
+    torch.set_num_threads(first.threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(first.batch, first.dim, generator=gen).requires_grad_()
+    weight = (torch.randn(first.num_classes, first.dim, generator=gen) * 0.05).requires_grad_()
+    target = torch.randint(0, first.num_classes, (first.batch,), generator=gen)
+    steps = {}
+    for point in points:
+        loss_fn, leaves, _ = build_loss(point.provider, x, weight, target)
+
+        def step(loss_fn=loss_fn, leaves=leaves) -> None:
+            for leaf in leaves:
+                leaf.grad = None
+            loss_fn().backward()
+
+        steps[point.provider] = step
+
+    def gemm() -> None:
+        with torch.no_grad():
+            logits = x @ weight.T
+            logits @ weight  # dX
+            logits.T @ x  # dW
+
+    steps["gemm"] = gemm
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():  # warm-up
+        step()
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.process_time()
+            step()
+            times[name].append(time.process_time() - start)
+    return times
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -581,6 +623,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, help="CSV to draw (PNG beside it) and tabulate")
     p.add_argument(
         "--profile", action="store_true", help="torch.profiler table of each provider's step"
+    )
+    p.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="CPU time per step of the providers taking turns in one process, and the GEMMs",
     )
     p.add_argument("--machine", default=platform.node() or "unknown", help="CSV file name tag")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -618,6 +667,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = _values(args.batch, int) if args.batch else list(sweep["batch"])
     dim = args.dim or (SMOKE_SWEEP["dim"] if args.smoke else 512)
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    if args.interleaved:
+        for batch in batches:
+            for num_classes in classes:
+                points = [
+                    Point(p, batch, num_classes, dim, dtype, "cpu", args.threads, 1)
+                    for p in args.providers
+                    if not_run_reason(p, "cpu") is None
+                ]
+                times = interleaved_cpu_times(points, args.interleaved)
+                gemm = statistics.median(times["gemm"])
+                print(f"B={batch} C={num_classes} D={dim}: median CPU s per step (/ 3 GEMMs)")
+                for name, values in times.items():
+                    median = statistics.median(values)
+                    print(f"  {name:10s} {median:8.3f}  {median / gemm:5.2f}")
+        return 0
     if args.profile:
         for point in sweep_points(
             args.providers,

@@ -397,7 +397,7 @@ def run_openset(
             f"Training: {train_rows} seen-class images (classes {SEEN_CLASSES}), "
             f"{config.epochs} epochs, batch {config.batch_size}, Adam lr {config.lr} (cosine), "
             f"weight decay {config.weight_decay}, {config.embedding_dim}-D embedding, CNN width "
-            f"{config.width}; seeds {seeds}. Verification: {unseen} test images of unseen "
+            f"{config.width}. Verification: {unseen} test images of unseen "
             f"classes {UNSEEN_CLASSES}, {unseen * (unseen - 1) // 2} pairs. Closed-set accuracy: "
             f"{int(split.train.test_labels.numel())} seen-class test images."
         )
@@ -434,8 +434,9 @@ def write_report(rows: list[dict], state: dict, out: Path) -> list[Path]:
         __doc__.split("\n\n", 1)[1].strip() + "\n",
     ]
     for dataset, description in state["descriptions"].items():
+        seeds = sorted({int(r["seed"]) for r in rows if r["dataset"] == dataset})
         sections.append(
-            f"## {dataset}\n\n{description} Mean ± std over seeds, in %.\n\n"
+            f"## {dataset}\n\n{description} Seeds {seeds}; mean ± std over seeds, in %.\n\n"
             + summary_table(rows, dataset)
         )
     md_path = out / "demo_openset.md"
@@ -444,8 +445,9 @@ def write_report(rows: list[dict], state: dict, out: Path) -> list[Path]:
 
 
 def merge_reports(parts: list[Path], out: Path, command: str) -> list[Path]:
-    """One report from the outputs of several runs (e.g. one process per data set run side by
-    side): their CSV rows, figure curves and descriptions, concatenated in order."""
+    """One report from the outputs of several runs (e.g. one process per data set or seed, run
+    side by side): their CSV rows and figure curves, concatenated in order; a data set's
+    description is taken from the first run that has it (runs of one data set share it)."""
     rows: list[dict] = []
     state: dict = {"runs": [], "descriptions": {}, "curves": {}}
     for part in parts:
@@ -453,8 +455,11 @@ def merge_reports(parts: list[Path], out: Path, command: str) -> list[Path]:
             rows.extend(csv.DictReader(f))
         saved = json.loads((part / STATE_FILE).read_text())
         state["runs"] += saved["runs"]
-        state["descriptions"].update(saved["descriptions"])
-        state["curves"].update(saved["curves"])
+        for dataset, description in saved["descriptions"].items():
+            state["descriptions"].setdefault(dataset, description)
+        for dataset, by_loss in saved["curves"].items():
+            for loss, tars in by_loss.items():
+                state["curves"].setdefault(dataset, {}).setdefault(loss, []).extend(tars)
     state["runs"].append(f"merged by `{command}`")
     return write_report(rows, state, out)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -130,3 +131,20 @@ def test_ratio_table_and_plot(tmp_path):
     png = tmp_path / "scale.png"
     scale.plot(rows, png)
     assert png.stat().st_size > 0
+
+
+def test_interleaved_cpu_times_cover_every_provider_and_the_gemms():
+    points = [scale.Point(p, 4, 50, 8, "fp32", "cpu", 1, 1) for p in ("torch", "linear+ce")]
+    times = scale.interleaved_cpu_times(points, rounds=2)
+    assert set(times) == {"torch", "linear+ce", "gemm"}
+    assert all(len(v) == 2 and min(v) >= 0.0 for v in times.values())
+
+
+def test_readme_documents_every_scale_column():
+    text = (REPO / "bench" / "README.md").read_text()
+    section = text.split("## Scale", 1)[1].split("\n## ", 1)[0]
+    documented = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            documented += re.findall(r"`([a-z0-9_]+)`", line.split("|")[1])
+    assert documented == list(scale.COLUMNS)
