@@ -12,9 +12,9 @@ The protocol, per data set and seed, the same for every loss:
   class.
 - **metrics** over all those pairs: the equal error rate (EER), the true-accept rate (TAR) at a
   false-accept rate (FAR) of 1e-2 and 1e-3. The LFW protocol's verification accuracy: a balanced
-  set of ``VERIFICATION_PAIRS`` pairs (half genuine, half impostor, drawn with the seed) in 10
-  folds; for each fold the threshold that maximises accuracy on the other 9 is applied to it; the
-  mean over folds is reported.
+  set of 6,000 pairs (the size of LFW's View 2: 3,000 genuine, 3,000 impostor, drawn with the
+  seed) in 10 folds; for each fold the threshold that maximises accuracy on the other 9 is
+  applied to it; the mean over folds is reported.
 - **verdict** against softmax, per metric: "better" / "worse" only when every seed of the loss
   is on the same side of every seed of softmax (the ranges do not overlap); else
   "no difference".
