@@ -609,6 +609,55 @@ def interleaved_cpu_times(points: list[Point], rounds: int) -> dict[str, list[fl
     return times
 
 
+def combine(
+    inputs: Sequence[Path], grid: list[Point], missing: str, budget_gb: float
+) -> list[dict]:
+    """The rows of several sweeps' CSVs (e.g. one per batch size, run side by side), in the
+    order of ``grid``. A grid point no input has gets a row saying why: the provider cannot run
+    here, or its predicted memory (from the measured rows) is over ``budget_gb``, else
+    ``missing``."""
+    found = {}
+    for path in inputs:
+        for row in read_rows(path):
+            found[(row["provider"], int(row["batch"]), int(row["num_classes"]))] = row
+    if not found:
+        raise ValueError("no rows in " + ", ".join(map(str, inputs)))
+    template = next(iter(found.values()))
+    measured: Measured = {}
+    for (provider, batch, num_classes), row in sorted(found.items()):
+        if row["status"] == "ok":
+            extra = int(float(row["peak_extra_mb"]) * 2**20)
+            measured.setdefault((provider, batch), []).append((num_classes, extra))
+    shared = ("date", "machine", "device", "threads", "torch", "loss", "dtype", "dim")
+    rows = []
+    for point in grid:
+        row = found.get((point.provider, point.batch, point.num_classes))
+        if row is None:
+            row = dict.fromkeys(COLUMNS, "")
+            row.update({c: template[c] for c in shared})
+            predicted = predict_extra_bytes(point, measured)
+            needed = PROCESS_BASE_BYTES + input_bytes(point) + predicted
+            status = not_run_reason(point.provider, point.device) or missing
+            if status == missing and point.device == "cpu" and needed > budget_gb * 2**30:
+                status = f"skipped: needs ~{needed / 2**30:.1f} GB (budget {budget_gb:g} GB)"
+            row.update(
+                provider=point.provider,
+                batch=point.batch,
+                num_classes=point.num_classes,
+                status=status,
+                predicted_extra_mb=f"{predicted / 2**20:.0f}",
+            )
+        rows.append(row)
+    return rows
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    with open(path, "w") as f:
+        f.write(",".join(COLUMNS) + "\n")
+        for row in rows:
+            f.write(",".join(str(row[c]) for c in COLUMNS) + "\n")
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -623,6 +672,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, help="CSV to draw (PNG beside it) and tabulate")
     p.add_argument(
         "--profile", action="store_true", help="torch.profiler table of each provider's step"
+    )
+    p.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="CSV",
+        help="write one CSV (--out) from these sweeps' CSVs, in the order of the grid",
+    )
+    p.add_argument(
+        "--missing",
+        default="not run: the sweep's time limit was reached",
+        help="status of a grid point --combine finds in no input",
     )
     p.add_argument(
         "--interleaved",
@@ -667,6 +728,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = _values(args.batch, int) if args.batch else list(sweep["batch"])
     dim = args.dim or (SMOKE_SWEEP["dim"] if args.smoke else 512)
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    if args.combine:
+        if args.out is None:
+            sys.exit("--combine needs --out")
+        grid = sweep_points(
+            args.providers,
+            batches,
+            classes,
+            dim=dim,
+            dtype=dtype,
+            device=args.device,
+            threads=args.threads,
+            reps=args.reps,
+        )
+        rows = combine(args.combine, grid, args.missing, args.budget_gb)
+        write_rows(rows, args.out)
+        print(f"wrote {args.out} ({len(rows)} rows)")
+        return 0
     if args.interleaved:
         for batch in batches:
             for num_classes in classes:

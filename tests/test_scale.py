@@ -148,3 +148,24 @@ def test_readme_documents_every_scale_column():
         if line.startswith("| `"):
             documented += re.findall(r"`([a-z0-9_]+)`", line.split("|")[1])
     assert documented == list(scale.COLUMNS)
+
+
+def test_combine_orders_rows_and_explains_missing_points(tmp_path):
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    rows_a = [_row("torch", 64, 10_000, 1.0, 100), _row("torch", 64, 30_000, 3.0, 300)]
+    scale.write_rows(rows_a, first)
+    scale.write_rows([_row("linear+ce", 64, 10_000, 0.5, 2)], second)
+    grid = scale.sweep_points(
+        ["torch", "linear+ce", "cce"], [64], [10_000, 30_000, 10**7],
+        dim=512, dtype="fp32", device="cpu", threads=1, reps=3,
+    )  # fmt: skip
+    rows = scale.combine([first, second], grid, "not run: time", budget_gb=8)
+    assert [(r["provider"], int(r["num_classes"])) for r in rows] == [
+        (p.provider, p.num_classes) for p in grid
+    ]
+    status = {(r["provider"], int(r["num_classes"])): r["status"] for r in rows}
+    assert status[("torch", 10_000)] == "ok" and status[("linear+ce", 10_000)] == "ok"
+    assert status[("linear+ce", 30_000)] == "not run: time"
+    assert status[("cce", 10_000)].startswith("not run: GPU only")
+    # torch at C = 10^7: 40 GB of inputs and gradients alone, over the budget
+    assert status[("torch", 10**7)].startswith("skipped: needs ~")
