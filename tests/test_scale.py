@@ -38,7 +38,8 @@ def test_peak_extra_counts_a_known_allocation():
     with scale.PeakExtra("cpu") as peak:
         buffer = torch.ones(16 * MIB)  # touched: every page resident
         del buffer
-    assert 64 * MIB <= peak.extra <= 72 * MIB
+    # within 2 MiB below (pages of the process that the kernel dropped meanwhile) and 8 above
+    assert 62 * MIB <= peak.extra <= 72 * MIB
     with scale.PeakExtra("cpu") as idle:
         pass
     assert idle.extra < 4 * MIB  # the high-water mark was reset on entry
