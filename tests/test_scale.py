@@ -34,7 +34,9 @@ needs_proc = pytest.mark.skipif(
 
 @needs_proc
 def test_peak_extra_counts_a_known_allocation():
-    # 64 MiB, above glibc's largest mmap threshold: mapped on allocation, unmapped on free
+    # 64 MiB, above glibc's largest mmap threshold: mapped on allocation, unmapped on free.
+    # Once outside the measurement first: the first fill starts torch's thread pool (stacks).
+    torch.ones(16 * MIB).sum()
     with scale.PeakExtra("cpu") as peak:
         buffer = torch.ones(16 * MIB)  # touched: every page resident
         del buffer
