@@ -23,6 +23,7 @@ points that were skipped or could not run here, with the reason in ``status``.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import gc
 import json
@@ -387,8 +388,9 @@ def run_sweep(args: argparse.Namespace, points: list[Point], out: Path) -> list[
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = int(args.budget_gb * 2**30)
     bar = tqdm(points, unit="point", file=sys.stderr) if tqdm else points
-    with open(out, "w") as f:
-        f.write(",".join(COLUMNS) + "\n")
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
         for point in bar:
             label = f"{point.provider} B={point.batch} C={point.num_classes:.0e}"
             if tqdm:
@@ -436,7 +438,7 @@ def run_sweep(args: argparse.Namespace, points: list[Point], out: Path) -> list[
                         peak_extra_mb=f"{extra / 2**20:.1f}",
                         memory_method=method,
                     )
-            f.write(",".join(str(row[c]) for c in COLUMNS) + "\n")
+            writer.writerow(row)
             f.flush()
             rows.append(row)
             msg = f"{label}: {row['status']}"
@@ -450,10 +452,21 @@ def run_sweep(args: argparse.Namespace, points: list[Point], out: Path) -> list[
 
 
 def read_rows(path: Path) -> list[dict]:
-    import csv
-
-    with open(path) as f:
-        return list(csv.DictReader(f))
+    """The CSV's rows. A row of an unquoted CSV (as written before the writer quoted fields)
+    whose status held k commas has k fields too many: the status is put back together from
+    the first k + 1 pieces and the rest shifted back into place."""
+    after = COLUMNS[COLUMNS.index("status") :]
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            overflow = row.pop(None, None)
+            if overflow:
+                pieces = [row[c] for c in after] + overflow
+                k = len(overflow)
+                row["status"] = ",".join(pieces[: k + 1])
+                row.update(zip(after[1:], pieces[k + 1 :], strict=True))
+            rows.append(row)
+    return rows
 
 
 def _ok_rows(rows: list[dict]) -> dict[tuple[str, int, int], dict]:
@@ -652,10 +665,10 @@ def combine(
 
 
 def write_rows(rows: list[dict], path: Path) -> None:
-    with open(path, "w") as f:
-        f.write(",".join(COLUMNS) + "\n")
-        for row in rows:
-            f.write(",".join(str(row[c]) for c in COLUMNS) + "\n")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 # ---------------------------------------------------------------- command line

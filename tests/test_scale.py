@@ -172,3 +172,20 @@ def test_combine_orders_rows_and_explains_missing_points(tmp_path):
     assert status[("cce", 10_000)].startswith("not run: GPU only")
     # torch at C = 10^7: 40 GB of inputs and gradients alone, over the budget
     assert status[("torch", 10**7)].startswith("skipped: needs ~")
+
+
+def test_status_with_commas_survives_the_csv(tmp_path):
+    row = _row("triton", 64, 100, 0, 0, status="not run: a, b, c")
+    row.update(median_s="", median_cpu_s="", peak_extra_mb="", predicted_extra_mb="512")
+    quoted = tmp_path / "quoted.csv"
+    scale.write_rows([row], quoted)
+    (back,) = scale.read_rows(quoted)
+    assert back["status"] == "not run: a, b, c" and back["predicted_extra_mb"] == "512"
+    # an unquoted file of the first sweeps: the status is put back together
+    unquoted = tmp_path / "unquoted.csv"
+    unquoted.write_text(
+        ",".join(scale.COLUMNS) + "\n" + ",".join(str(row[c]) for c in scale.COLUMNS) + "\n"
+    )
+    (back,) = scale.read_rows(unquoted)
+    assert back["status"] == "not run: a, b, c" and back["predicted_extra_mb"] == "512"
+    assert back["memory_method"] == ""
