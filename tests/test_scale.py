@@ -77,6 +77,7 @@ def test_prediction_extrapolates_measured_points():
     assert scale.input_bytes(point) == 2 * 4 * (64 + 1_000_000) * 512
 
 
+@needs_proc
 def test_tiny_sweep_csv_schema(tmp_path):
     """One measured point (in a fresh process), one over the budget, two not run on CPU."""
     out = tmp_path / "scale.csv"
