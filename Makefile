@@ -117,3 +117,16 @@ mutation: install
 .PHONY: coverage
 coverage: install
 	TRITON_INTERPRET=1 $(PY) tests/emulation_coverage.py --markdown docs/coverage.md
+
+# Cost against class count on this CPU, every provider side by side (tens of minutes on 2 cores;
+# bench/README.md, "Scale"); then `$(PY) bench/scale.py --plot bench/results/scale_<machine>.csv`.
+SCALE_MACHINE ?= cpu-2core
+bench-scale: install
+	$(PY) bench/scale.py --machine $(SCALE_MACHINE)
+
+# Open-set verification on classes never seen in training (about an hour on 2 busy CPU cores;
+# docs/demo_openset.md). Separate from `make demo`, which stays under 10 minutes.
+demo-openset: install data
+	$(PY) -m demo --protocol open-set $(DEMO_ARGS)
+
+.PHONY: bench-scale demo-openset

