@@ -556,7 +556,9 @@ class ClassParallelMarginLoss(nn.Module):
         elif embeddings.dtype != weight.dtype:
             common = torch.promote_types(embeddings.dtype, weight.dtype)
             embeddings, weight = embeddings.to(common), weight.to(common)
-        _, lse_parts = resolve(self.backend, weight.device, self.margin)
+        _, lse_parts = resolve(
+            self.backend, weight.device, self.margin, embeddings, weight, class_ids
+        )
         neg_lse, target_logit = lse_parts(
             embeddings,
             weight,
