@@ -610,16 +610,16 @@ def verdict(
         plan = _PLANS.get(plan_key)
         if plan is None:
             plan = _PLANS[plan_key] = plan_for(name, Layout(*layout_items), spec, device)
-        layout = Layout(*layout_items)
-        key = (name, fn, device, layout.dtype, skey, plan.path, layout.has_ids)
+        dtype, has_ids = layout_items[0], layout_items[-1]
+        key = (name, fn, device, dtype, skey, plan.path, has_ids)
         found = _VERDICTS.get(key)
         if found is not None:
             return found
         disk_key = None
         if current == "persistent":
             disk_key = repr(
-                (_fingerprint(device), name, _function_name(fn), str(device), str(layout.dtype),
-                 skey, plan.path, layout.has_ids)
+                (_fingerprint(device), name, _function_name(fn), str(device), str(dtype),
+                 skey, plan.path, has_ids)
             )  # fmt: skip
             stored = _read_disk().get(disk_key)
             if isinstance(stored, dict):
@@ -631,7 +631,7 @@ def verdict(
                     _VERDICTS[key] = result
                     return result
         start = time.perf_counter()
-        ok, detail, ratio = run_probe(fn, plan, spec, layout.dtype, device)
+        ok, detail, ratio = run_probe(fn, plan, spec, dtype, device)
         shape = f"B={plan.batch} C={plan.num_classes} D={plan.dim}"
         if plan.num_sampled is not None:
             shape += f" S={plan.num_sampled}"
@@ -640,10 +640,10 @@ def verdict(
             function=_function_name(fn),
             device=str(device),
             gpu=gpu_name(device),
-            dtype=DTYPE_NAMES.get(layout.dtype, str(layout.dtype)),
+            dtype=DTYPE_NAMES.get(dtype, str(dtype)),
             kind=spec.kind,
             path=repr(plan.path),
-            class_ids=layout.has_ids,
+            class_ids=has_ids,
             ok=ok,
             detail=detail,
             worst_ratio=ratio,
