@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .ops import _MODULES, resolve
+from .ops import resolve, unavailable_reason
 from .spec import GRAD_MODES, KIND_IDS, OVERFLOW_POLICIES, MarginSpec
 from .validation import (
     BACKENDS,
@@ -577,9 +577,7 @@ class ClassParallelMarginLoss(nn.Module):
     def _backend_reason(self) -> str | None:
         """Why this rank's named backend cannot run on the weight's device (None when it can,
         or for "auto" and "torch", which always can)."""
-        if self.backend in ("auto", "torch"):
-            return None
-        return _MODULES[self.backend].unavailable_reason(self.weight.device, self.margin)
+        return unavailable_reason(self.backend, self.weight.device, self.margin)
 
     def _check_global_labels(self, labels: torch.Tensor) -> None:
         """Labels of the gathered batch lie in [0, C) or equal ignore_index. Every rank sees

@@ -45,6 +45,7 @@ __all__ = [
     "clear_probes",
     "probe_report",
     "resolve",
+    "unavailable_reason",
 ]
 
 _MODULES: dict[str, ModuleType] = {"triton": triton_backend, "cuda": cuda_backend}
@@ -69,8 +70,15 @@ CPU_AUTO_NO_SLOWER = True
 _AUTO_GPU_ORDER = [AUTO_PREFERRED_ON_GPU] + [n for n in _MODULES if n != AUTO_PREFERRED_ON_GPU]
 
 
-def _reason(name: str, device: torch.device, spec: MarginSpec) -> str | None:
+def unavailable_reason(name: str, device: torch.device, spec: MarginSpec) -> str | None:
+    """Why backend ``name`` cannot run ``spec`` on ``device`` (None when it can; "auto" and
+    "torch" always can). Probes are not run here."""
+    if name in ("auto", "torch"):
+        return None
     return _MODULES[name].unavailable_reason(device, spec)
+
+
+_reason = unavailable_reason
 
 
 def available_backends(device: torch.device | str, spec: MarginSpec) -> list[str]:
