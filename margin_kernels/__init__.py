@@ -20,7 +20,7 @@ from .functional import (
     w_softmax_loss,
     zero_centroid_regularization,
 )
-from .ops import available_backends
+from .ops import available_backends, probe_report
 from .spec import MarginSpec
 
 
@@ -49,6 +49,7 @@ __all__ = [
     "margin_cross_entropy",
     "nn",
     "ops",
+    "probe_report",
     "reference",
     "sample_margin_regularization",
     "selftest",

@@ -23,6 +23,7 @@ gradients. See ``docs/distributed.md``.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import math
 import struct
@@ -31,9 +32,10 @@ import torch
 from torch import nn
 
 from . import reference
-from .ops import resolve
+from .ops import resolve, unavailable_reason
 from .spec import GRAD_MODES, KIND_IDS, OVERFLOW_POLICIES, MarginSpec
 from .validation import (
+    BACKENDS,
     FLOAT_DTYPES,
     REDUCTIONS,
     check_labels,
@@ -54,9 +56,12 @@ __all__ = ["HAS_DISTRIBUTED", "ClassParallelMarginLoss", "allreduce_sum_hook", "
 # Metadata error codes: what a rank found wrong with its own inputs, so that every rank can
 # raise the same ValueError instead of leaving the others waiting in a collective.
 _OK, _BAD_EMBEDDINGS, _BAD_DTYPE, _BAD_LABELS, _BAD_DEVICE = range(5)
-# Leading fields of a rank's metadata record: (error code, D, embedding dtype code, B_r); the
-# configuration fields of _config_fields follow.
-_INPUT_FIELDS = 4
+# Leading fields of a rank's metadata record: (error code, D, embedding dtype code, B_r, backend
+# index in BACKENDS, whether that backend can run on the rank: 0 yes, 1 no); the configuration
+# fields of _config_fields follow.
+_INPUT_FIELDS = 6
+# The default bound on how long a rank waits in the step's collectives for the others.
+DEFAULT_STEP_TIMEOUT_S = 60.0
 
 
 def _float_bits(value: float) -> int:
@@ -121,13 +126,29 @@ def _stream_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _all_gather_flat(local: torch.Tensor, world_size: int, group) -> torch.Tensor:
+def _all_gather_flat(
+    local: torch.Tensor, world_size: int, group, timeout_s: float | None = None, what: str = ""
+) -> torch.Tensor:
     """Equal-size all-gather into one (world * n, ...) tensor, rank order (the concatenated
-    form, which every backend accepts; gloo refuses the stacked one)."""
+    form, which every backend accepts; gloo refuses the stacked one). With ``timeout_s`` the
+    wait is bounded: ``RuntimeError`` naming ``what`` when not every rank arrived in time."""
     output = local.new_empty((world_size * local.shape[0], *local.shape[1:]))
     # all_gather_single replaces the deprecated all_gather_into_tensor from torch 2.13 on.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, local.contiguous(), group=group)
+    if timeout_s is None:
+        gather(output, local.contiguous(), group=group)
+        return output
+    work = gather(output, local.contiguous(), group=group, async_op=True)
+    try:
+        work.wait(datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"ClassParallelMarginLoss: not every rank reached the {what} all-gather within "
+            f"step_timeout={timeout_s:g} s: another rank failed or left the step before it "
+            "(a rank that fails inside the step reports itself and every rank raises naming it; "
+            "this is a failure outside that part, e.g. a rank that raised between steps and "
+            f"did not call forward). Original error: {exc}"
+        ) from exc
     return output
 
 
@@ -189,13 +210,14 @@ class _GatherReplicated(torch.autograd.Function):
     ranks, as a plain differentiable all-gather does, would count it ``world_size`` times)."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, world_size: int, rank: int, group):
+    def forward(ctx, local: torch.Tensor, world_size: int, rank: int, group, timeout_s=None):
         ctx.rank = rank
-        return _all_gather_flat(local, world_size, group).view(world_size, *local.shape)
+        gathered = _all_gather_flat(local, world_size, group, timeout_s, "statistics")
+        return gathered.view(world_size, *local.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad[ctx.rank], None, None, None
+        return grad[ctx.rank], None, None, None, None
 
 
 class ClassParallelMarginLoss(nn.Module):
@@ -224,8 +246,10 @@ class ClassParallelMarginLoss(nn.Module):
         backend: "auto" | "triton" | "cuda" | "torch", resolved per step for the weight's device.
         validate: all-gather a tiny int64 record per rank before the step (one small
             collective and one device-to-host read of ``21 world`` int64): error code, D, dtype,
-            B_r and the settings that must agree across ranks (num_classes, the margin's kind
-            and every hyper-parameter, reduction, ignore_index, sample_rate, the weight dtype).
+            B_r, whether this rank's backend can run here, and the settings that must agree
+            across ranks (num_classes, the margin's kind and every hyper-parameter, reduction,
+            ignore_index, sample_rate, the weight dtype, the training flag and the sampling
+            step counter).
             It lets local batch sizes differ and makes a rank's bad input, or settings that
             differ between ranks, raise the same ``ValueError`` on every rank instead of hanging
             the others or silently computing a different loss per rank. ``validate=False``
@@ -235,6 +259,14 @@ class ClassParallelMarginLoss(nn.Module):
             a shard's statistics are computed, not what they are. ``validate`` itself must agree
             (one rank gathering metadata while another gathers embeddings cannot be detected).
         deterministic: ask the fused backends for run-to-run identical gradients.
+        step_timeout: seconds a rank waits in the step's metadata and statistics all-gathers
+            for the others (default 60; None: the process group's own timeout). A rank whose
+            backend fails inside the step (it cannot run, fails its first-use probe, runs out
+            of memory) still enters the statistics all-gather with a failure flag, and every
+            rank raises ``RuntimeError`` naming it (with ``validate=False``: a
+            ``torch._assert_async`` without the rank, no host sync); a rank that never arrives
+            (it failed outside the step) makes the others raise after ``step_timeout``. See
+            ``docs/distributed.md`` for what is bounded where.
         device, dtype: of the weight shard.
 
     Attributes:
@@ -257,6 +289,7 @@ class ClassParallelMarginLoss(nn.Module):
         backend: str = "auto",
         validate: bool = True,
         deterministic: bool = False,
+        step_timeout: float | None = DEFAULT_STEP_TIMEOUT_S,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -276,6 +309,15 @@ class ClassParallelMarginLoss(nn.Module):
         check_options(reduction, ignore_index, backend)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if step_timeout is not None and (
+            isinstance(step_timeout, bool)
+            or not isinstance(step_timeout, (int, float))
+            or not 0 < step_timeout < math.inf
+        ):
+            raise ValueError(
+                f"step_timeout must be a positive number or None, got {step_timeout!r}"
+            )
+        self.step_timeout = None if step_timeout is None else float(step_timeout)
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
@@ -424,8 +466,9 @@ class ClassParallelMarginLoss(nn.Module):
     def _config_fields(self) -> list[tuple[str, int, object]]:
         """``(name, int64 code, decoder)`` of every setting that must agree across ranks: the
         class count, the margin (kind and every hyper-parameter), reduction, ignore_index,
-        the sampling rate and the weight dtype. Floats travel as their exact bits. The seed and
-        the backend may differ on purpose (see the class docstring)."""
+        the sampling rate, the weight dtype, the training flag and the step counter. Floats travel
+        as their exact bits. The seed and the backend may differ on purpose (see the class
+        docstring)."""
         spec = self.margin
         weight_dtype = self.weight.dtype
         fields = [
@@ -449,6 +492,10 @@ class ClassParallelMarginLoss(nn.Module):
                 FLOAT_DTYPES.index(weight_dtype) if weight_dtype in FLOAT_DTYPES else -1,
                 lambda c: str(FLOAT_DTYPES[c]) if c >= 0 else "other",
             ),
+            # a rank in eval mode would use its full shard while the others sample (a hybrid
+            # loss), and the step counters that seed the sampling would drift apart
+            ("training", int(self.training), lambda c: "train" if c else "eval"),
+            ("step", self.step, int),
         ]
         return fields
 
@@ -472,13 +519,17 @@ class ClassParallelMarginLoss(nn.Module):
                 code = _BAD_LABELS
             elif embeddings.device != device or labels.device != device:
                 code = _BAD_DEVICE
+        backend_reason = self._backend_reason()
         config = self._config_fields()
         record = torch.tensor(
-            [code, width, dtype_code, rows, *(c for _, c, _ in config)],
+            [code, width, dtype_code, rows, BACKENDS.index(self.backend),
+             int(backend_reason is not None), *(c for _, c, _ in config)],
             dtype=torch.int64,
             device=device,
+        )  # fmt: skip
+        table = _all_gather_flat(
+            record, self.world_size, self.process_group, self.step_timeout, "metadata"
         )
-        table = _all_gather_flat(record, self.world_size, self.process_group)
         table = table.view(self.world_size, record.numel()).tolist()
         differing = []
         for k, (name, _, decode) in enumerate(config):
@@ -499,6 +550,16 @@ class ClassParallelMarginLoss(nn.Module):
             _BAD_DEVICE: f"local_embeddings and local_labels must be on the weight's device "
             f"({device})",
         }
+        cannot = [(r, BACKENDS[row[4]]) for r, row in enumerate(table) if row[5]]
+        if cannot:
+            listing = ", ".join(f"rank {r} backend={name!r}" for r, name in cannot)
+            error = ValueError(
+                f"ClassParallelMarginLoss: the backend of {listing} cannot run on that rank "
+                f"(device {device.type}); pass a backend every rank can run, e.g. 'auto'"
+            )
+            if backend_reason is not None:
+                raise error from RuntimeError(f"rank {self.rank}: {backend_reason}")
+            raise error
         for r, (code_r, width_r, *_) in enumerate(table):
             if code_r != _OK:
                 raise ValueError(f"rank {r}: {messages[code_r]}")
@@ -513,11 +574,41 @@ class ClassParallelMarginLoss(nn.Module):
             raise ValueError(f"local_embeddings dtypes differ across ranks: {listing}")
         return tuple(row[3] for row in table), FLOAT_DTYPES[dtype_codes[0]]
 
+    def _backend_reason(self) -> str | None:
+        """Why this rank's named backend cannot run on the weight's device (None when it can,
+        or for "auto" and "torch", which always can)."""
+        return unavailable_reason(self.backend, self.weight.device, self.margin)
+
     def _check_global_labels(self, labels: torch.Tensor) -> None:
         """Labels of the gathered batch lie in [0, C) or equal ignore_index. Every rank sees
         the same labels, so every rank raises the same IndexError (CPU); on accelerators the
         check is ``torch._assert_async`` (no host sync)."""
         check_labels("label", labels, None, self.num_classes, self.ignore_index)
+
+    def _raise_if_failed(self, status: torch.Tensor, failure: Exception | None) -> None:
+        """Raise on every rank when a rank's backend failed in this step (``status`` (world,):
+        1 where it did). validate=True reads the flags (the step already reads the metadata);
+        validate=False checks them without a host sync (``torch._assert_async``)."""
+        if failure is not None and not self.validate:
+            raise RuntimeError(
+                f"ClassParallelMarginLoss: rank {self.rank} failed inside the step: {failure}"
+            ) from failure
+        if not self.validate:
+            torch._assert_async(
+                (status == 0).all(), "ClassParallelMarginLoss: a rank failed inside the step"
+            )
+            return
+        failed = [r for r, flag in enumerate(status.tolist()) if flag]
+        if not failed:
+            return
+        ranks = ", ".join(str(r) for r in failed)
+        message = (
+            f"ClassParallelMarginLoss: rank {ranks} failed inside the step (the backend raised "
+            "there; that rank's error says why); every rank raises, so the ranks stay in step"
+        )
+        if failure is not None:
+            raise RuntimeError(f"{message}. Rank {self.rank}: {failure}") from failure
+        raise RuntimeError(message)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """Loss of the global batch (identical on every rank); a collective: every rank calls it.
@@ -556,20 +647,32 @@ class ClassParallelMarginLoss(nn.Module):
         elif embeddings.dtype != weight.dtype:
             common = torch.promote_types(embeddings.dtype, weight.dtype)
             embeddings, weight = embeddings.to(common), weight.to(common)
-        _, lse_parts = resolve(self.backend, weight.device, self.margin)
-        neg_lse, target_logit = lse_parts(
-            embeddings,
-            weight,
-            local_target,
-            self.margin,
-            class_ids,
-            deterministic=self.deterministic,
-        )
-
-        # one collective for the combination: (world, B, 2) of every shard's statistics
+        failure = None
+        try:
+            _, lse_parts = resolve(
+                self.backend, weight.device, self.margin, embeddings, weight, class_ids
+            )
+            neg_lse, target_logit = lse_parts(
+                embeddings,
+                weight,
+                local_target,
+                self.margin,
+                class_ids,
+                deterministic=self.deterministic,
+            )
+            local = torch.stack([neg_lse, target_logit], dim=1)
+        except Exception as exc:  # re-raised below, once every rank knows (no rank left waiting)
+            failure = exc
+            compute = reference.compute_dtype(embeddings, weight)
+            local = torch.zeros(labels.shape[0], 2, dtype=compute, device=weight.device)
+        # one collective for the combination: (world, B + 1, 2) of every shard's statistics,
+        # the last row the shard's status (1: its backend failed in this step)
+        status = local.new_tensor([[float(failure is not None), 0.0]])
         stats = _GatherReplicated.apply(
-            torch.stack([neg_lse, target_logit], dim=1), self.world_size, self.rank, group
+            torch.cat([local, status]), self.world_size, self.rank, group, self.step_timeout
         )
+        self._raise_if_failed(stats[:, -1, 0], failure)
+        stats = stats[:, :-1]
         # LSE over all classes' non-target logits = logsumexp over the shards' LSEs
         neg_lse = torch.logsumexp(stats[..., 0], dim=0)
         # only the owning shard's target logit is non-zero

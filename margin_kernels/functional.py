@@ -194,7 +194,7 @@ def _margin_cross_entropy(
         x, weight, target, reduction, ignore_index, backend, class_ids, validate
     )
     _check_negatives(margin, weight.shape[0], class_ids)
-    _, lse_parts = resolve(backend, x.device, margin)
+    _, lse_parts = resolve(backend, x.device, margin, x, weight, class_ids)
     valid = target != ignore_index
     local_target = torch.where(valid, target, torch.full_like(target, -1))
     neg_lse, t = lse_parts(x, weight, local_target, margin, class_ids, deterministic=deterministic)

@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+# Backend names: "auto" and one per module of margin_kernels.ops (which re-exports this tuple).
+BACKENDS = ("auto", "triton", "cuda", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 VALIDATE_MODES = ("async", "sync")
@@ -22,8 +24,6 @@ VALIDATE_MODES = ("async", "sync")
 
 def check_options(reduction: str, ignore_index: int, backend: str, validate: str = "async") -> None:
     """The common keywords of every loss; the modules call it at construction."""
-    from .ops import BACKENDS  # ops.cuda imports this module while ops is being initialised
-
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:

@@ -137,7 +137,7 @@ def test_invalid_hyperparameters_through_functions():
 # --- backends ------------------------------------------------------------------------------
 def test_auto_on_cpu_matches_the_reference():
     """auto on CPU is the reference, or the C++ kernels where they measured no slower
-    (ops.cuda.CPU_AUTO_NO_SLOWER): equal up to fp32 summation order, which the CPU's vector
+    (ops.CPU_AUTO_NO_SLOWER): equal up to fp32 summation order, which the CPU's vector
     width decides."""
     x, w, y = _inputs()
     torch.testing.assert_close(

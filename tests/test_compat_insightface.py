@@ -608,8 +608,8 @@ def _fused_backend(name, monkeypatch):
     chunked = functools.partial(cuda_backend._chunked_lse_parts, chunk_bytes=5 * NUM_CLASSES * 8)
     original = compat.resolve
 
-    def resolve(backend, device, spec):
-        return ("cuda", chunked) if backend == "auto" else original(backend, device, spec)
+    def resolve(backend, device, spec, *tensors):
+        return ("cuda", chunked) if backend == "auto" else original(backend, device, spec, *tensors)
 
     monkeypatch.setattr(compat, "resolve", resolve)
     return "auto", "cpu"

@@ -246,16 +246,16 @@ def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
     from margin_kernels import ops
     from margin_kernels.ops import cuda
 
-    # the model-predicted faster backend first (ops.cuda.AUTO_PREFERRED_ON_GPU), triton where
+    # the model-predicted faster backend first (ops.AUTO_PREFERRED_ON_GPU), triton where
     # the cuda backend cannot run
-    assert cuda.AUTO_PREFERRED_ON_GPU == "cuda" and ops._AUTO_GPU_ORDER == ["cuda", "triton"]
+    assert ops.AUTO_PREFERRED_ON_GPU == "cuda" and ops._AUTO_GPU_ORDER == ["cuda", "triton"]
     gpu = torch.device("cuda")
     expected = "cuda" if cuda.unavailable_reason(gpu, MarginSpec.cosface()) is None else "triton"
     assert resolve("auto", gpu, MarginSpec.cosface())[0] == expected
     monkeypatch.setattr(cuda, "HAS_CUDA_EXT", False)
     assert resolve("auto", gpu, MarginSpec.cosface())[0] == "triton"
     # on CPU tensors the C++ kernels of the cuda backend when built (measured no slower)
-    on_cpu = "cuda" if cuda.HAS_CUDA_EXT and cuda.CPU_AUTO_NO_SLOWER else "torch"
+    on_cpu = "cuda" if cuda.HAS_CUDA_EXT and ops.CPU_AUTO_NO_SLOWER else "torch"
     assert resolve("auto", torch.device("cpu"), MarginSpec.cosface())[0] == on_cpu
 
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -307,6 +308,7 @@ class PartialFC_V2(nn.Module):
         self.num_local = class_end - self.class_start
         self.num_sample = int(self.sample_rate * self.num_local)
         self.weight_index: torch.Tensor | None = None
+        self._warned_empty_sample = False
         # arcface_torch's draw: N(0, 0.01) from the global CPU generator, float32
         self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size)))
 
@@ -325,6 +327,20 @@ class PartialFC_V2(nn.Module):
             index = torch.topk(keys, k=self.num_sample).indices.sort().values
         else:
             index = positive
+        if index.numel() == 0 and not self._warned_empty_sample:
+            # int(sample_rate * num_local) == 0 and no positive here: this rank's classes leave
+            # the denominator entirely (arcface_torch does the same, silently)
+            self._warned_empty_sample = True
+            warnings.warn(
+                f"PartialFC_V2 on rank {self.rank} sampled 0 of its {self.num_local} classes "
+                f"(int(sample_rate * num_local) = int({self.sample_rate} * {self.num_local}) = 0 "
+                "and no label of the batch lies in its shard): its classes leave the softmax "
+                "denominator for this step, and the loss is 0 when every label sits on one "
+                "rank. Raise sample_rate so that each rank samples at least one class. "
+                "(warned once)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.weight_index = index
         return index
 
@@ -418,7 +434,7 @@ class PartialFC_V2(nn.Module):
         if threshold > 0:
             lse_parts = functools.partial(_filtered_lse_parts, threshold=threshold)
         else:
-            _, lse_parts = resolve(self.backend, weight.device, spec)
+            _, lse_parts = resolve(self.backend, weight.device, spec, embeddings, weight, class_ids)
         # the operands are cast explicitly above; a surrounding autocast must not recast them
         with torch.autocast(weight.device.type, enabled=False):
             neg_lse, target_logit = lse_parts(embeddings, weight, local_target, spec, class_ids)

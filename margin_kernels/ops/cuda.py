@@ -69,10 +69,7 @@ HAS_CUDA_EXT = _extension.HAS_CUDA_EXT
 _EXT_IMPORT_ERROR: str | None = _extension.LOAD_ERROR
 
 __all__ = [
-    "AUTO_CROSSOVER_MEASURED",
-    "AUTO_PREFERRED_ON_GPU",
     "CHUNK_BYTES_ENV",
-    "CPU_AUTO_NO_SLOWER",
     "DEFAULT_CHUNK_BYTES",
     "HAS_CUDA_EXT",
     "ChunkPlan",
@@ -81,22 +78,6 @@ __all__ = [
     "margin_transform",
     "unavailable_reason",
 ]
-
-# Where "auto" should prefer this backend over triton on a GPU has not been measured (no GPU was
-# available while it was written); until it is, the order follows the performance model.
-AUTO_CROSSOVER_MEASURED = False
-
-# "auto" on a CUDA device tries this backend first where both can run. bench/model.py predicts
-# (no GPU ran) forward + backward at the headline shape, bf16 ArcFace B=1024 D=512 C=10^6:
-# this backend 10.3 ms (2.6x the three bare GEMMs) against triton 18.9 ms (4.7x) on an H200,
-# 11.9 ms against 19.0 ms on an H100 (docs/performance_model.md). Replace by a measurement.
-AUTO_PREFERRED_ON_GPU = "cuda"
-
-# On CPU, bench/results/cpu_chunks.csv measured this backend's forward + backward against the
-# torch reference at B=256, D=512, C=10^5 float32 ArcFace (2 shared cores, three runs): no slower
-# in every run (3.3 s vs 3.5 s in the last), 100 MB vs 684 MB peak extra memory; see
-# bench/results/README.md. "auto" on a CPU tensor takes this backend because of that measurement.
-CPU_AUTO_NO_SLOWER = True
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 CHUNK_BYTES_ENV = "MARGIN_KERNELS_CUDA_CHUNK_BYTES"
@@ -545,10 +526,24 @@ def _chunked_lse_parts(
     chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backend's algorithm on whatever device the extension has kernels for (CUDA, or the
-    CPU kernels on CPU tensors). Same contract as :func:`lse_parts`."""
+    CPU kernels on CPU tensors), without the device check of :func:`lse_parts`. Same contract
+    as :func:`lse_parts`."""
     if not HAS_CUDA_EXT:
         raise RuntimeError(unavailable_reason(x.device, spec))
     _check_inputs(x, weight, target, class_ids)
+    return _run(x, weight, target, spec, class_ids, deterministic, chunk_bytes)
+
+
+def _run(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    spec: MarginSpec,
+    class_ids: torch.Tensor | None,
+    deterministic: bool,
+    chunk_bytes: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked forward on inputs already checked by the caller (once)."""
     storage = torch.promote_types(x.dtype, weight.dtype)
     x, weight = x.to(storage), weight.to(storage)
     plan = chunk_plan(
@@ -600,9 +595,8 @@ def lse_parts(
     reason = unavailable_reason(x.device, spec)
     if reason is not None:
         raise RuntimeError(f"backend='cuda' cannot run here: {reason}")
-    return _chunked_lse_parts(
-        x, weight, target, spec, class_ids, deterministic, chunk_bytes=chunk_bytes
-    )
+    _check_inputs(x, weight, target, class_ids)
+    return _run(x, weight, target, spec, class_ids, deterministic, chunk_bytes)
 
 
 def margin_transform(

@@ -37,6 +37,11 @@ T_DEGENERATE = "tests/test_degenerate_rows.py"
 T_SHARD = "tests/test_shard_targets.py"
 T_VALUES = "tests/test_values.py"
 T_EMULATION = "tests/test_cuda_emulation.py"
+PROBE = "margin_kernels/ops/probe.py"
+OPS = "margin_kernels/ops/__init__.py"
+DISTRIBUTED = "margin_kernels/distributed.py"
+T_PROBE = "tests/test_probe.py"
+T_DIST_FAIL = "tests/test_distributed_failures.py"
 
 
 @dataclass(frozen=True)
@@ -572,5 +577,76 @@ MUTATIONS = [
         (("column_chain_scale(a.h_scaled, raw)", "column_chain_scale(false, raw)"),),
         "CUDA column_chain_kernel: a scaled H_j not divided by max(||W_j||, eps)",
         (T_EMULATION,),
+    ),
+    # --- first-use probes and no rank left hanging (issue 22) ----------------------------------
+    Mutation(
+        "probe_tolerance_100x",
+        PROBE,
+        (
+            (
+                "out[q] = OWN_FACTOR * (own_err + rms) + REL[dtype][q] * e.abs() + "
+                "ABS[dtype][q] * scale",
+                "out[q] = 100 * (OWN_FACTOR * (own_err + rms) + REL[dtype][q] * e.abs() + "
+                "ABS[dtype][q] * scale)",
+            ),
+        ),
+        "Probe: the element-wise bounds 100x looser (a kernel 1 % off in one entry passes)",
+        (T_PROBE,),
+    ),
+    Mutation(
+        "probe_skipped_for_weighted_family",
+        PROBE,
+        (
+            (
+                '    current = mode()\n    if current == "off":\n',
+                '    current = mode()\n    if current == "off" or spec.kind == "w_softmax":\n',
+            ),
+        ),
+        "Probe: never run for one family (W-Softmax served unchecked)",
+        (T_PROBE,),
+    ),
+    Mutation(
+        "probe_failure_not_cached",
+        PROBE,
+        (
+            (
+                "        _VERDICTS[key] = result\n        if disk_key is not None:",
+                "        if ok:\n            _VERDICTS[key] = result\n"
+                "        if disk_key is not None:",
+            ),
+        ),
+        "Probe: a failed verdict not kept (the probe reruns, and warns, on every call)",
+        (T_PROBE,),
+    ),
+    Mutation(
+        "double_backward_guard_off",
+        OPS,
+        (
+            (
+                "        if torch.is_grad_enabled():  # create_graph",
+                "        if False:  # create_graph",
+            ),
+        ),
+        "Dispatch: the double-backward guard never placed (each backend fails its own way)",
+        (T_PROBE,),
+    ),
+    Mutation(
+        "distributed_step_not_compared",
+        DISTRIBUTED,
+        (('            ("step", self.step, int),\n', ""),),
+        "ClassParallelMarginLoss: the sampling step counter left out of the compared settings",
+        (T_DIST_FAIL,),
+    ),
+    Mutation(
+        "distributed_failure_flags_ignored",
+        DISTRIBUTED,
+        (
+            (
+                "        failed = [r for r, flag in enumerate(status.tolist()) if flag]",
+                "        failed = []",
+            ),
+        ),
+        "ClassParallelMarginLoss: the ranks' failure flags gathered but not read",
+        (T_DIST_FAIL,),
     ),
 ]
