@@ -36,7 +36,9 @@ _ROW_KERNELS = ("_row_norm_kernel", "_target_kernel", "_zero_unsampled_kernel")
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Every interpreted launch as (kernel name, grid, keyword arguments)."""
+    """Every interpreted launch as (kernel name, grid, keyword arguments). First-use probes are
+    off here: their launches (tested in test_probe.py) would be recorded beside the loss's."""
+    monkeypatch.setenv("MARGIN_KERNELS_PROBE", "off")
     seen = []
     original = interpreter.InterpretedFunction.run
 
